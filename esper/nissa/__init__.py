@@ -1,0 +1,94 @@
+"""Nissa: telemetry hub, backends, profiles, on-device diagnostics, narratives, analytics."""
+
+from esper.nissa.analytics import BlueprintAnalytics, BlueprintStats
+from esper.nissa.anomaly import (
+    AnomalyMonitor,
+    EscalationState,
+    GradientDriftDetector,
+    PerformanceDegradationDetector,
+    ValueCollapseDetector,
+    check_lstm_health,
+    check_ratio_explosion,
+    lstm_hidden_stats,
+)
+from esper.nissa.backends import (
+    BACKEND_NAMES,
+    ConsoleBackend,
+    JsonlBackend,
+    TensorBoardBackend,
+    make_backends,
+)
+from esper.nissa.config import (
+    PROFILE_NAMES,
+    PROFILES_DIR,
+    ProfileError,
+    TelemetryConfig,
+    apply_overrides,
+    load_profile,
+    load_profile_file,
+)
+from esper.nissa.diagnostics import (
+    DiagnosticTracker,
+    activation_stats,
+    gradient_stats,
+    loss_sharpness,
+    per_class_metrics,
+    weight_norms,
+)
+from esper.nissa.hub import Backend, NissaHub
+from esper.nissa.materialize import epoch_event, materialize, split_envs
+from esper.nissa.narratives import (
+    EnvBrief,
+    NarrativeRules,
+    TrainingHistory,
+    build_briefs,
+    explain_decision,
+)
+from esper.nissa.profiling import PHASES, phase, trace_run
+from esper.nissa.syncs import SyncCount, count_host_syncs
+
+__all__ = [
+    "BACKEND_NAMES",
+    "PHASES",
+    "PROFILES_DIR",
+    "PROFILE_NAMES",
+    "AnomalyMonitor",
+    "Backend",
+    "BlueprintAnalytics",
+    "BlueprintStats",
+    "ConsoleBackend",
+    "DiagnosticTracker",
+    "EnvBrief",
+    "EscalationState",
+    "GradientDriftDetector",
+    "JsonlBackend",
+    "NarrativeRules",
+    "NissaHub",
+    "PerformanceDegradationDetector",
+    "ProfileError",
+    "SyncCount",
+    "TelemetryConfig",
+    "TensorBoardBackend",
+    "TrainingHistory",
+    "ValueCollapseDetector",
+    "activation_stats",
+    "apply_overrides",
+    "build_briefs",
+    "check_lstm_health",
+    "check_ratio_explosion",
+    "count_host_syncs",
+    "epoch_event",
+    "explain_decision",
+    "gradient_stats",
+    "load_profile",
+    "load_profile_file",
+    "loss_sharpness",
+    "lstm_hidden_stats",
+    "make_backends",
+    "materialize",
+    "per_class_metrics",
+    "phase",
+    "split_envs",
+    "trace_run",
+    "weight_norms",
+]

@@ -1,0 +1,253 @@
+"""Output backends: rich console, rotating JSON lines, TensorBoard; ``make_backends`` for the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from esper.leyline.events import AnomalyEvent, EventKind, TelemetryEvent
+from esper.nissa.hub import Backend
+
+BACKEND_NAMES: tuple[str, ...] = ("console", "jsonl", "tensorboard")
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types for numpy arrays/scalars, enums, paths; non-finite floats become None."""
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, np.bool_ | bool):
+        return bool(value)
+    if isinstance(value, np.integer | int):
+        return int(value)
+    if isinstance(value, np.floating | float):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, str) or value is None:
+        return value
+    return str(value)
+
+
+def _mean(arr: np.ndarray) -> float:
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+class ConsoleBackend:
+    """Human-readable lines via rich.
+
+    verbosity 0: anomalies (warning/severe) and episode ends; 1: + one line per epoch (means
+    over envs), lifecycle changes, PPO updates; 2: + one line per env per epoch, decisions,
+    narratives; 3: + everything else (analytics tables, info anomalies).
+    """
+
+    def __init__(self, verbosity: int = 1, console: Console | None = None) -> None:
+        if not 0 <= verbosity <= 3:
+            raise ValueError(f"verbosity must be in 0..3, got {verbosity}")
+        self.verbosity = verbosity
+        self.console = console if console is not None else Console(stderr=True)
+
+    @staticmethod
+    def _scalar_summary(payload: Mapping[str, Any], index: int | None) -> str:
+        parts = []
+        for key, value in payload.items():
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "biuf":
+                continue
+            if index is None and arr.ndim == 1:
+                parts.append(f"{key} {_mean(arr.astype(np.float64)):.4g}")
+            elif index is None and arr.ndim == 0:
+                parts.append(f"{key} {float(arr):.4g}")
+            elif index is not None and arr.ndim == 1 and index < arr.shape[0]:
+                parts.append(f"{key} {float(arr[index]):.4g}")
+        return " | ".join(parts)
+
+    def emit(self, event: TelemetryEvent) -> None:
+        v, kind = self.verbosity, event.kind
+        if kind is EventKind.ANOMALY:
+            sev = event.severity if isinstance(event, AnomalyEvent) else "warning"
+            if sev != "info" or v >= 3:
+                style = "bold red" if sev == "severe" else "yellow"
+                msg = event.message if isinstance(event, AnomalyEvent) else event.payload
+                self.console.print(f"[{style}]epoch {event.epoch} env {event.env} {sev}: {msg}[/]")
+        elif kind is EventKind.EPISODE:
+            self.console.print(f"[bold]episode[/] {self._scalar_summary(event.payload, None)}")
+        elif kind is EventKind.EPOCH and v >= 1:
+            scalars = self._scalar_summary(event.payload, None)
+            self.console.print(f"[cyan]epoch {event.epoch}[/] {scalars}", highlight=False)
+            if v >= 2:
+                n = max(
+                    (
+                        np.asarray(a).shape[0]
+                        for a in event.payload.values()
+                        if np.asarray(a).ndim >= 1
+                    ),
+                    default=0,
+                )
+                for i in range(n):
+                    line = self._scalar_summary(event.payload, i)
+                    self.console.print(f"  env {i}: {line}", highlight=False)
+        elif kind in (EventKind.LIFECYCLE, EventKind.PPO_UPDATE, EventKind.GATE) and v >= 1:
+            body = {k: val for k, val in event.to_dict().items() if k not in ("kind", "epoch")}
+            self.console.print(f"{kind.value} epoch {event.epoch}: {to_jsonable(body)}")
+        elif kind in (EventKind.DECISION, EventKind.NARRATIVE) and v >= 2:
+            text = event.payload.get("text") if kind is EventKind.NARRATIVE else None
+            if text is None:
+                text = to_jsonable(event.to_dict())
+            self.console.print(f"{kind.value} epoch {event.epoch} env {event.env}: {text}")
+        elif v >= 3:
+            table = event.payload.get("table")
+            if isinstance(table, str):
+                self.console.print(table)
+            else:
+                self.console.print(f"{kind.value}: {to_jsonable(event.to_dict())}")
+
+    def flush(self) -> None:
+        self.console.file.flush()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class JsonlBackend:
+    """One JSON object per line; rotates ``path`` -> ``path.1`` ... ``path.<backups>`` at ``max_bytes``."""
+
+    def __init__(self, path: str | Path, max_bytes: int = 50 * 2**20, backups: int = 3) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if backups < 0:
+            raise ValueError("backups must be >= 0")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file = self.path.open("a", encoding="utf-8")
+        self._size = self.path.stat().st_size
+
+    def _rotate(self) -> None:
+        self._file.close()
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            oldest = self.path.with_name(f"{self.path.name}.{self.backups}")
+            oldest.unlink(missing_ok=True)
+            for i in range(self.backups - 1, 0, -1):
+                src = self.path.with_name(f"{self.path.name}.{i}")
+                if src.exists():
+                    src.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
+            self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+        self._file = self.path.open("a", encoding="utf-8")
+        self._size = 0
+
+    def emit(self, event: TelemetryEvent) -> None:
+        line = json.dumps(to_jsonable(event.to_dict()), allow_nan=False) + "\n"
+        data_len = len(line.encode("utf-8"))
+        with self._lock:
+            if self._size > 0 and self._size + data_len > self.max_bytes:
+                self._rotate()
+            self._file.write(line)
+            self._size += data_len
+
+    def flush(self) -> None:
+        with self._lock:
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()
+
+
+class TensorBoardBackend:
+    """Scalars and histograms through ``torch.utils.tensorboard.SummaryWriter``.
+
+    EPOCH payloads: [N] arrays give ``<key>/mean`` plus ``<key>/env<i>`` for the first
+    ``max_env_scalars`` envs; larger arrays give a histogram. Other events: numeric payload
+    entries as scalars under ``<kind>/<key>``; anomalies as text.
+    """
+
+    def __init__(self, logdir: str | Path, max_env_scalars: int = 8) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError(
+                "the tensorboard backend needs the 'tensorboard' package "
+                "(pip install tensorboard, or the project's [dev] extra)"
+            ) from err
+        self.writer = SummaryWriter(log_dir=str(logdir))
+        self.max_env_scalars = max_env_scalars
+
+    def emit(self, event: TelemetryEvent) -> None:
+        step = max(event.epoch, 0)
+        if event.kind is EventKind.ANOMALY:
+            self.writer.add_text("anomaly", json.dumps(to_jsonable(event.to_dict())), step)
+            return
+        prefix = "" if event.kind is EventKind.EPOCH else f"{event.kind.value}/"
+        for key, value in event.payload.items():
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "biuf" or arr.size == 0:
+                continue
+            arr = arr.astype(np.float64)
+            tag = f"{prefix}{key}"
+            if arr.ndim == 0:
+                self.writer.add_scalar(tag, float(arr), step)
+            elif arr.ndim == 1 and event.kind is EventKind.EPOCH:
+                self.writer.add_scalar(f"{tag}/mean", _mean(arr), step)
+                for i in range(min(arr.shape[0], self.max_env_scalars)):
+                    self.writer.add_scalar(f"{tag}/env{i}", float(arr[i]), step)
+            else:
+                finite = arr[np.isfinite(arr)]
+                if finite.size:
+                    self.writer.add_histogram(tag, finite, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def make_backends(
+    names: list[str] | str,
+    *,
+    run_dir: str | Path = "runs/latest",
+    verbosity: int = 1,
+    jsonl_max_bytes: int = 50 * 2**20,
+    jsonl_backups: int = 3,
+) -> list[Backend]:
+    """Backends from CLI names (a list or ``"console,jsonl,tensorboard"``).
+
+    JSONL goes to ``<run_dir>/telemetry.jsonl``, TensorBoard to ``<run_dir>/tensorboard``.
+    """
+    if isinstance(names, str):
+        names = [n for n in names.split(",")]
+    cleaned = [n.strip().lower() for n in names if n.strip()]
+    unknown = [n for n in cleaned if n not in BACKEND_NAMES]
+    if unknown:
+        raise ValueError(
+            f"unknown telemetry backend(s) {unknown}; choose from {list(BACKEND_NAMES)}"
+        )
+    run = Path(run_dir)
+    out: list[Backend] = []
+    for name in dict.fromkeys(cleaned):
+        if name == "console":
+            out.append(ConsoleBackend(verbosity=verbosity))
+        elif name == "jsonl":
+            out.append(JsonlBackend(run / "telemetry.jsonl", jsonl_max_bytes, jsonl_backups))
+        else:
+            out.append(TensorBoardBackend(run / "tensorboard"))
+    return out
