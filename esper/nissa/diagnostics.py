@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import esper_kernels
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
+import esper_kernels
 from esper.nissa.config import TelemetryConfig
 
 GradInput = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]

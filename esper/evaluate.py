@@ -1,0 +1,107 @@
+"""``python -m esper.evaluate``: compare controllers on identical hosts, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from esper.simic.cli import add_common_args, build_config, make_hub, telemetry_profile
+from esper.simic.config import ConfigError
+from esper.simic.env import MorphogeneticEnv, load_config_task
+from esper.simic.runner import EpisodeRunner, EpisodeSummary
+from esper.tamiyo.policies import POLICIES, make_policy, parse_spec
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m esper.evaluate", description=__doc__)
+    p.add_argument("--policies", default="static,random,fixed,heuristic",
+                   help=f"comma-separated specs from {sorted(POLICIES)} (name or name=ARG)")
+    p.add_argument("--json", type=Path, help="write the results table here (atomically)")
+    add_common_args(p)
+    return p
+
+
+def aggregate(summaries: list[EpisodeSummary], seconds: float) -> dict[str, Any]:
+    def stat(values: list[float]) -> dict[str, float]:
+        a = np.asarray(values, dtype=np.float64)
+        return {"mean": float(a.mean()), "std": float(a.std())}
+
+    return {
+        "episodes": len(summaries),
+        "final_val_acc": stat([s.final_val_acc for s in summaries]),
+        "params_added": stat([s.params_added for s in summaries]),
+        "fossilized": stat([s.fossilized for s in summaries]),
+        "culled": stat([s.culled for s in summaries]),
+        "reward": stat([s.total_reward for s in summaries]),
+        "seconds": seconds,
+        "trajectories": [s.trajectory for s in summaries],
+    }
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="policies on identical hosts")
+    for col in ("policy", "final val acc", "params added", "fossilized", "culled", "reward", "s"):
+        table.add_column(col, justify="right" if col != "policy" else "left")
+    for name, r in results.items():
+        def ms(key: str, fmt: str = ".2f", r: dict[str, Any] = r) -> str:
+            return f"{r[key]['mean']:{fmt}} ± {r[key]['std']:{fmt}}"
+
+        table.add_row(name, ms("final_val_acc"), ms("params_added", ".0f"), ms("fossilized"),
+                      ms("culled"), ms("reward", ".3f"), f"{r['seconds']:.0f}")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    console = Console()
+    try:
+        cfg = build_config(args)
+        profile = telemetry_profile(cfg)
+        specs = [s.strip() for s in args.policies.split(",") if s.strip()]
+        for spec in specs:
+            parse_spec(spec)
+    except (ConfigError, ValueError) as err:
+        console.print(f"[red]configuration error:[/red] {err}")
+        return 2
+    task = load_config_task(cfg)
+    results: dict[str, dict[str, Any]] = {}
+    with make_hub(cfg) as hub:
+        for spec in specs:
+            # A fresh env per policy with the same seeds: every policy sees identical hosts.
+            env = MorphogeneticEnv(cfg, task=task)
+            policy = make_policy(spec, env, cfg, seed=cfg.episode.seed)
+            start = time.perf_counter()
+            summaries = EpisodeRunner(env, policy, hub=hub, profile=profile).run(cfg.episode.episodes)
+            results[spec] = aggregate(summaries, time.perf_counter() - start)
+            console.print(f"{spec}: final val acc {results[spec]['final_val_acc']['mean']:.2f} "
+                          f"({results[spec]['seconds']:.0f}s)")
+    console.print(results_table(results))
+    if args.json:
+        write_json_atomic(args.json, {"config": cfg.model_dump(mode="json"), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

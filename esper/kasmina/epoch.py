@@ -1,0 +1,294 @@
+"""N morphogenetic host runs trained as one tensor program, one epoch per call.
+
+``MorphogeneticBatch.run_epoch(actions)`` applies the controller's lifecycle actions, trains
+every env for one epoch on its own minibatches, validates with counterfactuals and returns a
+TensorDict of per-env signals. Everything stays on the device: no host sync in here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+
+from esper import rng
+from esper.kasmina.blueprints import get_blueprints
+from esper.kasmina.gates import GateConfig, evaluate_gates
+from esper.kasmina.hosts import host_spec
+from esper.kasmina.model import Architecture, forward_eval
+from esper.kasmina.slots import Lifecycle
+from esper.kasmina.state import as_dicts, init_seeds, init_state, where_envs
+from esper.kasmina.step import StepHyper, train_step
+from esper.leyline import CANONICAL_SLOTS, GateId, Op, SeedStage, ordered_slots
+from esper.tasks import EnvBatchSampler, TaskData
+
+S = SeedStage
+
+
+@dataclass
+class KasminaConfig:
+    """What the batched hosts are: architecture, blueprint set, optimizer, gates."""
+
+    host: str = "impaired"
+    slots: tuple[str, ...] = CANONICAL_SLOTS
+    blueprints: tuple[str, ...] | None = None
+    batch_size: int = 128
+    val_batch_size: int = 512
+    seed_lr: float = 0.05
+    step: StepHyper = field(default_factory=StepHyper)
+    gates: GateConfig = field(default_factory=GateConfig)
+    compile: bool = False
+    compile_mode: str | None = None
+
+
+class MorphogeneticBatch:
+    """N envs, each a host with seed slots, as stacked tensors with one compiled step."""
+
+    def __init__(self, task: TaskData, n_envs: int, cfg: KasminaConfig, base_seed: int = 0,
+                 env_offset: int = 0) -> None:
+        if n_envs < 1:
+            raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+        self.cfg = cfg
+        self.task = task
+        self.device = task.device
+        self.n = n_envs
+        self.arch = Architecture(
+            spec=host_spec(cfg.host),
+            slots=ordered_slots(cfg.slots),
+            blueprints=get_blueprints(cfg.blueprints),
+            n_envs=n_envs,
+        )
+        self.blueprint_names = tuple(bp.name for bp in self.arch.blueprints)
+        self.lifecycle = Lifecycle(cfg.gates, self.device)
+        self.sampler = EnvBatchSampler(task, n_envs, cfg.batch_size)
+        c, h, _ = task.image_shape
+        self.in_channels = c
+        self.num_classes = task.num_classes
+        # Env identity: env i of a run is (base_seed, env_offset + i); episodes advance a counter.
+        self.env_ids = torch.arange(env_offset, env_offset + n_envs, device=self.device)
+        self.base_key = rng.stream_key(torch.tensor([base_seed], device=self.device), 7)
+        self.episode = torch.zeros(n_envs, dtype=torch.long, device=self.device)
+        self.epoch = torch.zeros(n_envs, dtype=torch.long, device=self.device)
+        self.keys = self._env_keys()
+        self.state = init_state(self.arch, self.keys, c, self.num_classes)
+        self._param_table = torch.tensor(
+            [[bp.param_count(self.arch.spec.slot_channels(s)) for bp in self.arch.blueprints] for s in self.arch.slots],
+            dtype=torch.float32, device=self.device,
+        )
+        self._flop_table = torch.tensor(
+            [[bp.flops(self.arch.spec.slot_channels(s), self.arch.spec.slot_spatial(s, h) ** 2)
+              for bp in self.arch.blueprints] for s in self.arch.slots],
+            dtype=torch.float32, device=self.device,
+        )
+        self.host_params = float(self.arch.spec.param_count(c, self.num_classes))
+        self.last = self._initial_signals()
+        self._step = self._build_step()
+
+    # ----------------------------------------------------------------------------- setup
+    def _env_keys(self) -> torch.Tensor:
+        return rng.stream_key(self.base_key.expand(self.n), self.env_ids, self.episode)
+
+    def _build_step(self) -> Callable[..., dict[str, torch.Tensor]]:
+        fn = partial(train_step, self.arch, self.cfg.step)
+        if self.cfg.compile:
+            return torch.compile(fn, fullgraph=True, mode=self.cfg.compile_mode)
+        return fn
+
+    def _initial_signals(self) -> TensorDict:
+        n, s, dev = self.n, len(self.arch.slots), self.device
+        zeros = partial(torch.zeros, device=dev)
+        return TensorDict(
+            {
+                "val_acc": zeros(n),
+                "seed_grad_norm": zeros(n, s),
+                "host_grad_norm": zeros(n),
+                "gate_pass": torch.zeros(n, s, len(GateId), dtype=torch.bool, device=dev),
+            },
+            batch_size=[n],
+        )
+
+    def reset_envs(self, mask: torch.Tensor) -> None:
+        """Fresh hosts (new per-env keys) for envs in ``mask``; the others continue untouched."""
+        self.episode = self.episode + mask.long()
+        self.epoch = torch.where(mask, torch.zeros_like(self.epoch), self.epoch)
+        self.keys = self._env_keys()
+        fresh = init_state(self.arch, self.keys, self.in_channels, self.num_classes)
+        where_envs(mask, fresh, self.state)
+        where_envs(mask, self._initial_signals(), self.last)
+
+    # ----------------------------------------------------------------------------- actions
+    def apply_actions(self, actions: TensorDict) -> dict[str, torch.Tensor]:
+        """Lifecycle ops requested by the controller: ``op, slot, blueprint, tempo`` ``[N]``.
+
+        Returns ``accepted [N]`` (WAIT always succeeds) and per-slot ``germinated [N, S]``.
+        """
+        op, slot_idx = actions["op"], actions["slot"]
+        accepted = op == Op.WAIT
+        germinated = []
+        gates = self.last["gate_pass"]
+        for k, slot in enumerate(self.arch.slots):
+            st = self.state["slots", slot]
+            here = slot_idx == k
+            g = self.lifecycle.germinate(
+                st, (op == Op.GERMINATE) & here, actions["blueprint"], actions["tempo"],
+                len(self.arch.blueprints), self.last["val_acc"],
+            )
+            a = self.lifecycle.advance(st, (op == Op.ADVANCE) & here, gates[:, k])
+            f = self.lifecycle.fossilize(st, (op == Op.FOSSILIZE) & here, gates[:, k, GateId.G5_FOSSILIZE])
+            c = self.lifecycle.cull(st, (op == Op.CULL) & here)
+            accepted = accepted | g | a | f | c
+            germinated.append(g)
+            self._reinit_seeds(slot, g)
+        return {"accepted": accepted, "germinated": torch.stack(germinated, dim=1)}
+
+    def _reinit_seeds(self, slot: str, mask: torch.Tensor) -> None:
+        fresh = init_seeds(self.arch, self.keys, slot, self.state["slots", slot, "germinations"])
+        where_envs(mask, fresh, self.state["seeds", slot])
+        where_envs(mask, fresh.apply(torch.zeros_like), self.state["seed_mom", slot])
+
+    # ----------------------------------------------------------------------------- epoch
+    def controls(self) -> dict[str, dict[str, torch.Tensor]]:
+        step = self.cfg.step
+        return {
+            slot: self.lifecycle.controls(self.state["slots", slot], self.cfg.seed_lr, step.host_lr, len(self.arch.blueprints))
+            for slot in self.arch.slots
+        }
+
+    def train_epoch(self) -> dict[str, torch.Tensor]:
+        """One pass over each env's own permutation of the training set."""
+        st = as_dicts(self.state)
+        ctrl = self.controls()
+        sums: dict[str, torch.Tensor] = {}
+        last: dict[str, torch.Tensor] = {}
+        seen = 0
+        for x, y in self.sampler.epoch(self.keys, self.epoch):
+            out = self._step(st["host"], st["buffers"], st["seeds"], st["host_mom"], st["seed_mom"], ctrl, x, y)
+            seen += y.shape[1]
+            for k in ("loss", "correct", "host_grad_norm", "seed_grad_norm"):
+                v = out[k] * y.shape[1] if k == "loss" else out[k]
+                sums[k] = sums[k] + v if k in sums else v
+            last = out
+        steps = self.sampler.steps_per_epoch
+        return {
+            "train_loss": sums["loss"] / seen,
+            "train_acc": 100.0 * sums["correct"].float() / seen,
+            "host_grad_norm": sums["host_grad_norm"] / steps,
+            "seed_grad_norm": sums["seed_grad_norm"] / steps,
+            **{k: v for k, v in last.items() if k.startswith("grad_")},
+        }
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, torch.Tensor]:
+        """Loss, accuracy, per-class accuracy and per-slot counterfactual accuracy, per env."""
+        st = as_dicts(self.state)
+        ctrl = self.controls()
+        k_cls = self.num_classes
+        n_rows = 1 + len(self.arch.slots)
+        correct = torch.zeros(n_rows, self.n, device=self.device)
+        loss = torch.zeros(self.n, device=self.device)
+        class_correct = torch.zeros(self.n, k_cls, device=self.device)
+        class_count = torch.zeros(k_cls, device=self.device)
+        confusion = torch.zeros(self.n, k_cls, k_cls, device=self.device)
+        for x, y in self.sampler.val_batches(self.cfg.val_batch_size):
+            logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x)
+            hit = logits.argmax(dim=-1) == y  # [rows, N, B]
+            correct += hit.sum(dim=-1)
+            actual = logits[0]
+            loss += F.cross_entropy(actual.reshape(-1, k_cls), y.repeat(self.n), reduction="none").view(self.n, -1).sum(1)
+            onehot = F.one_hot(y, k_cls).float()
+            class_correct += hit[0].float() @ onehot
+            predicted = F.one_hot(actual.argmax(dim=-1), k_cls).float()  # [N, B, K]
+            confusion += torch.einsum("bt,nbp->ntp", onehot, predicted)
+            class_count += onehot.sum(dim=0)
+        total = self.task.val_size
+        acc = 100.0 * correct / total
+        return {
+            "val_loss": loss / total,
+            "val_acc": acc[0],
+            "val_acc_without": acc[1:].T.contiguous(),  # [N, S]
+            "per_class_acc": 100.0 * class_correct / class_count.clamp_min(1),
+            "confusion": confusion,
+        }
+
+    def run_epoch(self, actions: TensorDict) -> TensorDict:
+        """Apply actions, train one epoch, validate, gate, tick. Returns per-env signals."""
+        stage_before = self._stacked("stage")
+        applied = self.apply_actions(actions)
+        train = self.train_epoch()
+        val = self.validate()
+        blended = self._stacked("alpha") > 0
+        contribution = torch.where(blended, val["val_acc"].unsqueeze(1) - val["val_acc_without"], 0.0)
+        for k, slot in enumerate(self.arch.slots):
+            st = self.state["slots", slot]
+            st["contribution_prev"] = st["contribution"]
+            st["contribution"] = contribution[:, k]
+            st["contribution_measured"] = blended[:, k]
+        gate_pass, gate_reason = self.gates(val["val_acc"], train["seed_grad_norm"], train["host_grad_norm"])
+        # Automatic moves: G1 (start training), G3 (alpha reached), G4 (shadowing clean).
+        for k, slot in enumerate(self.arch.slots):
+            st = self.state["slots", slot]
+            stage = st["stage"]
+            auto = (stage == S.GERMINATED) | (stage == S.BLENDING) | (stage == S.SHADOWING)
+            self.lifecycle.advance(st, auto, gate_pass[:, k])
+        ticks = {slot: self.lifecycle.end_epoch(self.state["slots", slot]) for slot in self.arch.slots}
+        self.epoch = self.epoch + 1
+        # Gates again after the moves: these guard the controller's next decision.
+        gate_pass, gate_reason = self.gates(val["val_acc"], train["seed_grad_norm"], train["host_grad_norm"])
+        signals = TensorDict(
+            {
+                **train,
+                **val,
+                "contribution": contribution,
+                "gate_pass": gate_pass,
+                "gate_reason": gate_reason,
+                "action_accepted": applied["accepted"],
+                "germinated": applied["germinated"],
+                "embargoed": torch.stack([ticks[s]["embargoed"] for s in self.arch.slots], dim=1),
+                "stage_before": stage_before,
+                "stage": self._stacked("stage"),
+                "alpha": self._stacked("alpha"),
+                "blueprint": self._stacked("blueprint"),
+                "epochs_in_stage": self._stacked("epochs_in_stage"),
+                "seed_age": self._stacked("seed_age"),
+                "params_added": self.params_added(),
+                "flops_added": self.flops_added(),
+                "epoch": self.epoch.clone(),
+            },
+            batch_size=[self.n],
+        )
+        self.last = signals
+        return signals
+
+    # ----------------------------------------------------------------------------- queries
+    def gates(self, val_acc: torch.Tensor, seed_grad_norm: torch.Tensor, host_grad_norm: torch.Tensor):
+        return evaluate_gates(
+            self.cfg.gates,
+            stage=self._stacked("stage"),
+            epochs_in_stage=self._stacked("epochs_in_stage"),
+            alpha=self._stacked("alpha"),
+            alpha_target=self._stacked("alpha_target"),
+            seed_grad_norm=seed_grad_norm,
+            host_grad_norm=host_grad_norm.unsqueeze(1).expand_as(seed_grad_norm),
+            contribution=self._stacked("contribution"),
+            acc_gain=val_acc.unsqueeze(1) - self._stacked("acc_at_germination"),
+        )
+
+    def _stacked(self, key: str) -> torch.Tensor:
+        return torch.stack([self.state["slots", s, key] for s in self.arch.slots], dim=1)
+
+    def _present(self) -> torch.Tensor:
+        stage = self._stacked("stage")
+        return self.lifecycle.live[stage] | (stage == S.FOSSILIZED)
+
+    def params_added(self) -> torch.Tensor:
+        """Parameters of live and fossilized seeds per env ``[N]``."""
+        per_slot = self._param_table.gather(1, self._stacked("blueprint").T).T  # [N, S]
+        return (per_slot * self._present()).sum(dim=1)
+
+    def flops_added(self) -> torch.Tensor:
+        per_slot = self._flop_table.gather(1, self._stacked("blueprint").T).T
+        return (per_slot * self._present()).sum(dim=1)

@@ -1,0 +1,103 @@
+"""The morphogenetic forward pass: host blocks with seeds blended in at the slots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import esper_kernels
+from esper.kasmina import layers
+from esper.kasmina.blueprints import Blueprint
+from esper.kasmina.hosts import HostSpec, host_block, host_head
+
+Tensors = dict[str, torch.Tensor]
+SeedParams = dict[str, dict[str, Tensors]]  # slot -> blueprint -> name -> [N, ...]
+Controls = dict[str, Tensors]  # slot -> {alpha, isolated, lr, onehot}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Static description of the batched model: host, slots in use, blueprint set, N."""
+
+    spec: HostSpec
+    slots: tuple[str, ...]
+    blueprints: tuple[Blueprint, ...]
+    n_envs: int
+
+    def slots_after_block(self, i: int) -> list[str]:
+        from esper.leyline import CANONICAL_SLOTS
+
+        return [s for s in self.slots if self.spec.slot_after[CANONICAL_SLOTS.index(s)] == i]
+
+
+def apply_slot(
+    arch: Architecture, h: torch.Tensor, seeds: dict[str, Tensors], ctrl: Tensors
+) -> torch.Tensor:
+    """One slot for all envs: seed ``s = h_in + delta(h_in)``, then blend per env.
+
+    Isolated envs (GERMINATED/TRAINING) feed the seed ``h.detach()`` and add it straight-
+    through, so the output value is the host's and the host's gradient is untouched;
+    blended envs output ``h + alpha * (s - h)``.
+    """
+    n = arch.n_envs
+    hv = layers.env_view(h, n)
+    iso = layers.per_env(ctrl["isolated"], 5, 1) > 0
+    # ``where`` (not ``h - iso * (h - h.detach())``) so the host's gradient is bit-identical.
+    hv_in = torch.where(iso, hv.detach(), hv)
+    h_in = hv_in.view(h.shape)
+    sv = hv_in
+    for b, bp in enumerate(arch.blueprints):
+        if bp.identity:
+            continue
+        weight = layers.per_env(ctrl["onehot"][:, b], 5, 1)
+        sv = sv + weight * layers.env_view(bp.delta(seeds[bp.name], h_in, n), n)
+    out = esper_kernels.blend(hv, sv, ctrl["alpha"], env_dim=1)
+    st_seed = sv * layers.per_env(ctrl["isolated"], 5, 1)
+    out = esper_kernels.straight_through(out, st_seed)
+    return out.reshape(h.shape)
+
+
+def forward_train(
+    arch: Architecture,
+    params: Tensors,
+    buffers: Tensors,
+    seeds: SeedParams,
+    ctrl: Controls,
+    x: torch.Tensor,
+) -> tuple[torch.Tensor, Tensors]:
+    """Training forward on per-env batches ``x [N, B, C, H, W]``: logits ``[N, B, K]``."""
+    h = layers.to_grouped(x)
+    new_buffers: Tensors = {}
+    for i in range(arch.spec.num_blocks):
+        h = host_block(params, buffers, new_buffers, i, h, training=True)
+        for slot in arch.slots_after_block(i):
+            h = apply_slot(arch, h, seeds[slot], ctrl[slot])
+    return host_head(params, h), new_buffers
+
+
+def forward_eval(
+    arch: Architecture,
+    params: Tensors,
+    buffers: Tensors,
+    seeds: SeedParams,
+    ctrl: Controls,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """Validation on one batch ``x [B, C, H, W]`` shared by all envs, with counterfactuals.
+
+    Returns logits ``[1 + S, N, B, K]``: row 0 the actual model, row ``1 + k`` the model with
+    slot ``k``'s seed removed (alpha forced to 0). Counterfactual rows share the computation
+    up to their slot: each branches off as extra batch rows where its slot is reached.
+    """
+    b = x.shape[0]
+    h = x
+    unused: Tensors = {}
+    for i in range(arch.spec.num_blocks):
+        h = host_block(params, buffers, unused, i, h, training=False, shared_input=i == 0)
+        for slot in arch.slots_after_block(i):
+            without = h[:b]
+            h = torch.cat([apply_slot(arch, h, seeds[slot], ctrl[slot]), without], dim=0)
+    logits = host_head(params, h)  # [N, (1+S)*B, K]
+    n, _, k = logits.shape
+    return logits.view(n, 1 + len(arch.slots), b, k).transpose(0, 1)

@@ -1,0 +1,106 @@
+"""One training step for all N envs: forward, per-env loss, backward, clip, SGD.
+
+Functional (``torch.func.grad``) so the whole step, backward and optimizer included, is one
+``torch.compile(fullgraph=True)`` graph; ``loss.backward()`` would break it. Stage, alpha and
+blueprint arrive as tensors, so a lifecycle change never recompiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import esper_kernels
+from esper.kasmina.model import Architecture, Controls, SeedParams, Tensors, forward_train
+
+
+@dataclass(frozen=True)
+class StepHyper:
+    """Optimizer settings shared by all envs (per-env seed learning rates come in Controls)."""
+
+    host_lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    max_grad_norm: float = 5.0
+    vanishing_threshold: float = 1e-7
+    exploding_threshold: float = 1e3
+
+
+def _sgd_(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, lr: torch.Tensor, hp: StepHyper) -> None:
+    """Nesterov SGD with weight decay, in place; ``lr`` is per env ``[N]``."""
+    lr_b = lr.view(-1, *([1] * (p.dim() - 1)))
+    d = g + hp.weight_decay * p
+    buf.mul_(hp.momentum).add_(d)
+    p.sub_(lr_b * (d + hp.momentum * buf))
+
+
+def _scale(grads: Tensors, coef: torch.Tensor) -> Tensors:
+    return {k: g * coef.view(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}
+
+
+def train_step(
+    arch: Architecture,
+    hp: StepHyper,
+    params: Tensors,
+    buffers: Tensors,
+    seeds: SeedParams,
+    host_mom: Tensors,
+    seed_mom: SeedParams,
+    ctrl: Controls,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> Tensors:
+    """Train every env on its own minibatch ``x [N, B, C, H, W]``, ``y [N, B]``, in place.
+
+    Returns per-env metrics (all tensors, nothing leaves the device): ``loss [N]``,
+    ``correct [N]``, the host gradient-statistics table ``[N, L]`` fields, and per-slot seed
+    gradient norms ``[N, S]``.
+    """
+    n, b = y.shape
+
+    def loss_fn(p: Tensors, s: SeedParams) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Tensors]]:
+        logits, new_buffers = forward_train(arch, p, buffers, s, ctrl, x)
+        per_sample = F.cross_entropy(logits.reshape(n * b, -1), y.reshape(n * b), reduction="none")
+        per_env = per_sample.view(n, b).mean(dim=1)
+        correct = (logits.detach().argmax(dim=-1) == y).sum(dim=1)
+        # Summing per-env mean losses keeps every env's gradient its own.
+        return per_env.sum(), (per_env.detach(), correct, new_buffers)
+
+    (g_host, g_seeds), (loss, correct, new_buffers) = torch.func.grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        params, seeds
+    )
+    host_names = list(params)
+    stats = esper_kernels.grad_stats(
+        [g_host[k] for k in host_names], hp.vanishing_threshold, hp.exploding_threshold
+    )
+    g_host = _scale(g_host, esper_kernels.clip_coefficients(stats.total_norm, hp.max_grad_norm))
+    seed_norms = []
+    with torch.no_grad():
+        for k in host_names:
+            _sgd_(params[k], g_host[k], host_mom[k], torch.full((n,), hp.host_lr, device=y.device), hp)
+        for k, v in new_buffers.items():
+            buffers[k].copy_(v)
+        for slot in arch.slots:
+            flat = [g for bp in g_seeds[slot].values() for g in bp.values()]
+            sq = [g.reshape(n, -1).pow(2).sum(dim=1) for g in flat]
+            norm = torch.stack(sq).sum(dim=0).sqrt() if sq else torch.zeros(n, device=y.device)
+            seed_norms.append(norm)
+            coef = esper_kernels.clip_coefficients(norm, hp.max_grad_norm)
+            for bp_name, bp_grads in g_seeds[slot].items():
+                for k, g in _scale(bp_grads, coef).items():
+                    _sgd_(seeds[slot][bp_name][k], g, seed_mom[slot][bp_name][k], ctrl[slot]["lr"], hp)
+    return {
+        "loss": loss,
+        "correct": correct,
+        "grad_norm": stats.norm,
+        "grad_mean": stats.mean,
+        "grad_std": stats.std,
+        "grad_max_abs": stats.max_abs,
+        "grad_frac_vanishing": stats.frac_vanishing,
+        "grad_frac_exploding": stats.frac_exploding,
+        "grad_nonfinite": stats.nonfinite,
+        "host_grad_norm": stats.total_norm,
+        "seed_grad_norm": torch.stack(seed_norms, dim=1),
+    }

@@ -1,0 +1,251 @@
+"""The training configuration: one validated pydantic tree, presets, JSON/YAML loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from esper.kasmina.gates import GateConfig
+from esper.leyline import CANONICAL_SLOTS
+from esper.tamiyo.config import FixedScheduleConfig, HeuristicConfig
+
+
+class ConfigError(ValueError):
+    """A configuration file, preset or value is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskConfig(_Strict):
+    """Which dataset, and how much of it."""
+
+    name: Literal["synthetic", "cifar10"] = "synthetic"
+    train_size: int | None = Field(4096, ge=1)
+    val_size: int | None = Field(1024, ge=1)
+    image_size: int = Field(16, ge=5, description="synthetic only")
+    num_classes: int = Field(10, ge=2, description="synthetic only")
+    seed: int = Field(0, ge=0, description="synthetic data seed")
+    data_dir: str = "data"
+    download: bool = False
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        if self.name == "synthetic":
+            kw: dict[str, Any] = {
+                "num_classes": self.num_classes,
+                "image_size": self.image_size,
+                "seed": self.seed,
+            }
+            if self.train_size is not None:
+                kw["train_size"] = self.train_size
+            if self.val_size is not None:
+                kw["val_size"] = self.val_size
+            return kw
+        return {
+            "root": self.data_dir,
+            "download": self.download,
+            "train_size": self.train_size,
+            "val_size": self.val_size,
+        }
+
+
+class KasminaSection(_Strict):
+    """The batched hosts: architecture, blueprint set, optimizer, gates."""
+
+    host: str = "impaired"
+    slots: tuple[str, ...] = CANONICAL_SLOTS
+    blueprints: tuple[str, ...] | None = None
+    batch_size: int = Field(128, ge=1)
+    val_batch_size: int = Field(512, ge=1)
+    host_lr: float = Field(0.05, gt=0.0)
+    seed_lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    max_grad_norm: float = Field(5.0, gt=0.0)
+    gates: GateConfig = Field(default_factory=GateConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> KasminaSection:
+        bad = [s for s in self.slots if s not in CANONICAL_SLOTS]
+        if bad or not self.slots:
+            raise ValueError(f"slots must be a non-empty subset of {list(CANONICAL_SLOTS)}, got {bad}")
+        from esper.kasmina.blueprints import BLUEPRINTS
+        from esper.kasmina.hosts import HOST_PRESETS
+
+        if self.host not in HOST_PRESETS:
+            raise ValueError(f"unknown host {self.host!r}; allowed: {sorted(HOST_PRESETS)}")
+        if self.blueprints is not None:
+            unknown = [b for b in self.blueprints if b not in BLUEPRINTS]
+            if unknown or not self.blueprints:
+                raise ValueError(f"unknown blueprints {unknown}; allowed: {list(BLUEPRINTS)}")
+        return self
+
+
+class EpisodeConfig(_Strict):
+    """How long an episode is (one step = one host epoch) and how many envs run at once."""
+
+    length: int = Field(20, ge=1)
+    envs: int = Field(8, ge=1)
+    episodes: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class RewardConfig(_Strict):
+    """Weights of the shaped reward's components (accuracies enter as fractions)."""
+
+    contribution: float = Field(1.0, ge=0.0, description="per unit of live-seed contribution")
+    shaping: float = Field(0.05, ge=0.0, description="stage-progress potential scale")
+    rent: float = Field(0.02, ge=0.0, description="per epoch, times log(1 + added/host params)")
+    germinate_cost: float = Field(0.02, ge=0.0)
+    advance_cost: float = Field(0.005, ge=0.0)
+    cull_cost: float = Field(0.01, ge=0.0)
+    fossilize_cost: float = Field(0.005, ge=0.0)
+    fossilize_bonus: float = Field(0.1, ge=0.0)
+    terminal: float = Field(1.0, ge=0.0, description="times final val accuracy (fraction)")
+    gamma: float = Field(0.99, gt=0.0, le=1.0, description="shaping discount (use PPO's)")
+
+
+class PPOConfig(_Strict):
+    """Settings of the LSTM-PPO learner (consumed by simic.ppo)."""
+
+    lr: float = Field(3e-4, gt=0.0)
+    gamma: float = Field(0.99, gt=0.0, le=1.0)
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
+    clip_epsilon: float = Field(0.2, gt=0.0, lt=1.0)
+    epochs: int = Field(4, ge=1)
+    minibatch_envs: int = Field(4, ge=1)
+    entropy_coef: dict[str, float] = Field(
+        default_factory=lambda: {"op": 0.01, "slot": 0.005, "blueprint": 0.005, "tempo": 0.002}
+    )
+    value_coef: float = Field(0.5, ge=0.0)
+    max_grad_norm: float = Field(0.5, gt=0.0)
+    hidden_size: int = Field(128, ge=1)
+    lstm_hidden_size: int = Field(128, ge=1)
+    rounds: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _heads(self) -> PPOConfig:
+        unknown = sorted(set(self.entropy_coef) - {"op", "slot", "blueprint", "tempo"})
+        if unknown:
+            raise ValueError(f"entropy_coef has unknown heads {unknown}")
+        return self
+
+
+class TelemetrySection(_Strict):
+    """Which Nissa profile, where events go, and profile overrides (``key=value``)."""
+
+    profile: str = "minimal"
+    backends: list[str] = Field(default_factory=lambda: ["console"])
+    overrides: list[str] = Field(default_factory=list)
+    profile_file: str | None = None
+    verbosity: int = Field(1, ge=0, le=3)
+
+
+class TrainingConfig(_Strict):
+    """Everything a training or evaluation run needs."""
+
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    kasmina: KasminaSection = Field(default_factory=KasminaSection)
+    episode: EpisodeConfig = Field(default_factory=EpisodeConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    heuristic: HeuristicConfig = Field(default_factory=HeuristicConfig)
+    fixed: FixedScheduleConfig = Field(default_factory=FixedScheduleConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    history_length: int = Field(4, ge=1, description="observation history (epochs)")
+    device: str = "cpu"
+    compile: bool = False
+    run_dir: str = "runs/latest"
+
+    @model_validator(mode="after")
+    def _cross(self) -> TrainingConfig:
+        if self.heuristic.warmup_epochs >= self.episode.length:
+            raise ValueError(
+                f"heuristic.warmup_epochs ({self.heuristic.warmup_epochs}) must be below "
+                f"episode.length ({self.episode.length})"
+            )
+        if self.ppo.minibatch_envs > self.episode.envs:
+            raise ValueError(
+                f"ppo.minibatch_envs ({self.ppo.minibatch_envs}) exceeds episode.envs ({self.episode.envs})"
+            )
+        if self.heuristic.blueprints is not None and self.kasmina.blueprints is not None:
+            missing = [b for b in self.heuristic.blueprints if b not in self.kasmina.blueprints]
+            if missing:
+                raise ValueError(f"heuristic.blueprints {missing} are not in kasmina.blueprints")
+        late = [e for e in self.fixed.epochs if e >= self.episode.length]
+        if late:
+            raise ValueError(f"fixed.epochs {late} are not below episode.length ({self.episode.length})")
+        return self
+
+    # ------------------------------------------------------------------------- loading
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "config") -> TrainingConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(f"{source}: {_format(err)}") from err
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingConfig:
+        """Read a JSON or YAML file (by suffix; YAML otherwise)."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config {p}: {err}") from err
+        try:
+            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"{p}: cannot parse: {err}") from err
+        return cls.from_dict(data if data is not None else {}, str(p))
+
+    @classmethod
+    def preset(cls, name: str) -> TrainingConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        return cls.from_dict(PRESETS[name], f"preset {name}")
+
+    def updated(self, **sections: dict[str, Any]) -> TrainingConfig:
+        """A re-validated copy with some fields of some sections replaced."""
+        data = self.model_dump()
+        for section, values in sections.items():
+            if section not in data:
+                raise ConfigError(f"unknown config section {section!r}")
+            if isinstance(data[section], dict):
+                data[section].update(values)
+            else:
+                data[section] = values
+        return TrainingConfig.from_dict(data, "overrides")
+
+
+def _format(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "cifar10": {
+        "task": {"name": "cifar10", "train_size": None, "val_size": None},
+        "kasmina": {"host": "baseline", "batch_size": 128, "val_batch_size": 1000},
+        "episode": {"length": 25, "envs": 16},
+        "heuristic": {"warmup_epochs": 5, "plateau_epochs": 3},
+    },
+    "cifar10_deep": {
+        "task": {"name": "cifar10", "train_size": None, "val_size": None},
+        "kasmina": {"host": "deep", "batch_size": 128, "val_batch_size": 1000},
+        "episode": {"length": 40, "envs": 16},
+        "heuristic": {"warmup_epochs": 8, "plateau_epochs": 3},
+    },
+}

@@ -1,0 +1,253 @@
+"""The torchrl environment: N morphogenetic host runs, one step = one host epoch.
+
+Output per step (batch ``[N]``): ``observation [N, F]`` (ObservationSchema layout), the four
+action masks, ``signals`` (raw Kasmina signals policies read), ``tracker`` (on-device history
+counters), ``reward [N, 1]``, ``reward_components`` and ``done/terminated/truncated [N, 1]``.
+Actions are four categorical heads ``op, slot, blueprint, tempo``. Episodes are truncated
+after ``episode.length`` epochs; ``_reset`` honours the ``"_reset"`` mask, so finished envs
+get fresh hosts while the others continue.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Binary, Categorical, Composite, Unbounded
+from torchrl.envs import EnvBase
+
+from esper import rng
+from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
+from esper.kasmina.step import StepHyper
+from esper.leyline import NUM_GATES, NUM_OPS, TEMPOS, ObservationSchema, Op, SeedStage
+from esper.simic.config import TrainingConfig
+from esper.simic.rewards import RewardComponents, ShapedReward
+from esper.tamiyo.features import FeatureBuilder, new_tracker
+from esper.tamiyo.masks import MASK_KEYS, action_masks
+from esper.tasks import TaskData, load_task
+
+_KASMINA_RESET_KEYS = ("val_acc", "seed_grad_norm", "host_grad_norm", "gate_pass")
+ACTION_KEYS: tuple[str, ...] = ("op", "slot", "blueprint", "tempo")
+# Kasmina signals exposed to policies: name -> (per-env trailing shape kind, dtype).
+SIGNAL_KEYS: dict[str, tuple[str, torch.dtype]] = {
+    "train_loss": ("env", torch.float32),
+    "train_acc": ("env", torch.float32),
+    "val_loss": ("env", torch.float32),
+    "val_acc": ("env", torch.float32),
+    "host_grad_norm": ("env", torch.float32),
+    "params_added": ("env", torch.float32),
+    "flops_added": ("env", torch.float32),
+    "action_accepted": ("env", torch.bool),
+    "epoch": ("env", torch.long),
+    "seed_grad_norm": ("slot", torch.float32),
+    "val_acc_without": ("slot", torch.float32),
+    "contribution": ("slot", torch.float32),
+    "alpha": ("slot", torch.float32),
+    "germinated": ("slot", torch.bool),
+    "embargoed": ("slot", torch.bool),
+    "stage_before": ("slot", torch.long),
+    "stage": ("slot", torch.long),
+    "blueprint": ("slot", torch.long),
+    "epochs_in_stage": ("slot", torch.long),
+    "seed_age": ("slot", torch.long),
+    "gate_pass": ("gate", torch.bool),
+}
+
+
+def kasmina_config(cfg: TrainingConfig) -> KasminaConfig:
+    k = cfg.kasmina
+    return KasminaConfig(
+        host=k.host,
+        slots=tuple(k.slots),
+        blueprints=tuple(k.blueprints) if k.blueprints is not None else None,
+        batch_size=k.batch_size,
+        val_batch_size=k.val_batch_size,
+        seed_lr=k.seed_lr,
+        step=StepHyper(host_lr=k.host_lr, momentum=k.momentum, weight_decay=k.weight_decay,
+                       max_grad_norm=k.max_grad_norm),
+        gates=k.gates,
+        compile=cfg.compile,
+    )
+
+
+def load_config_task(cfg: TrainingConfig, device: torch.device | str | None = None) -> TaskData:
+    return load_task(cfg.task.name, device=device or cfg.device, **cfg.task.loader_kwargs())
+
+
+def _rows(mask: torch.Tensor, new: TensorDictBase, old: TensorDictBase) -> TensorDictBase:
+    """``new`` where ``mask`` (per env), else ``old``, leaf by leaf (a new TensorDict)."""
+    return old.apply(
+        lambda o, n: torch.where(mask.view(-1, *([1] * (o.dim() - 1))), n, o), new
+    )
+
+
+class MorphogeneticEnv(EnvBase):
+    """Batched torchrl environment over :class:`MorphogeneticBatch`."""
+
+    def __init__(
+        self,
+        cfg: TrainingConfig,
+        task: TaskData | None = None,
+        n_envs: int | None = None,
+        base_seed: int | None = None,
+        env_offset: int = 0,
+    ) -> None:
+        task = task if task is not None else load_config_task(cfg)
+        n = n_envs if n_envs is not None else cfg.episode.envs
+        seed = base_seed if base_seed is not None else cfg.episode.seed
+        super().__init__(device=task.device, batch_size=torch.Size([n]))
+        self.cfg = cfg
+        self.n = n
+        self.episode_length = cfg.episode.length
+        self.kasmina = MorphogeneticBatch(task, n, kasmina_config(cfg), base_seed=seed, env_offset=env_offset)
+        mb = self.kasmina
+        self.slots = mb.arch.slots
+        self.blueprint_names = mb.blueprint_names
+        self.schema = ObservationSchema(
+            history_length=cfg.history_length, blueprints=mb.blueprint_names, slots=mb.arch.slots
+        )
+        self.features = FeatureBuilder(self.schema, mb.host_params, cfg.episode.length).to(task.device)
+        self.reward_fn = ShapedReward(cfg.reward, mb.host_params, task.device)
+        self.tracker = new_tracker(n, len(self.slots), cfg.history_length, task.device)
+        self.signals = self._blank_signals()
+        self._make_specs()
+
+    # ------------------------------------------------------------------------- specs
+    def _signal_shape(self, kind: str) -> tuple[int, ...]:
+        s = len(self.slots)
+        return {"env": (self.n,), "slot": (self.n, s), "gate": (self.n, s, NUM_GATES)}[kind]
+
+    def _make_specs(self) -> None:
+        n, s, b, dev = self.n, len(self.slots), len(self.blueprint_names), self.device
+
+        def spec(shape: tuple[int, ...], dtype: torch.dtype) -> Unbounded | Binary:
+            if dtype is torch.bool:
+                return Binary(n=shape[-1], shape=shape, dtype=torch.bool, device=dev)
+            return Unbounded(shape=shape, dtype=dtype, device=dev)
+
+        signals = Composite(
+            {k: spec(self._signal_shape(kind), dt) for k, (kind, dt) in SIGNAL_KEYS.items()},
+            shape=(n,), device=dev,
+        )
+        tracker = Composite(
+            {k: spec(tuple(v.shape), v.dtype) for k, v in self.tracker.items()}, shape=(n,), device=dev
+        )
+        components = Composite(
+            {k: Unbounded(shape=(n,), device=dev) for k in RewardComponents.names()}, shape=(n,), device=dev
+        )
+        self.observation_spec = Composite(
+            observation=Unbounded(shape=(n, self.schema.size), device=dev),
+            op_mask=spec((n, NUM_OPS), torch.bool),
+            slot_mask=spec((n, NUM_OPS, s), torch.bool),
+            blueprint_mask=spec((n, b), torch.bool),
+            tempo_mask=spec((n, len(TEMPOS)), torch.bool),
+            signals=signals,
+            tracker=tracker,
+            reward_components=components,
+            shape=(n,),
+            device=dev,
+        )
+        self.action_spec = Composite(
+            op=Categorical(NUM_OPS, shape=(n,), device=dev),
+            slot=Categorical(s, shape=(n,), device=dev),
+            blueprint=Categorical(b, shape=(n,), device=dev),
+            tempo=Categorical(len(TEMPOS), shape=(n,), device=dev),
+            shape=(n,),
+            device=dev,
+        )
+        self.reward_spec = Unbounded(shape=(n, 1), device=dev)
+        self.done_spec = Composite(
+            done=Categorical(2, shape=(n, 1), dtype=torch.bool, device=dev),
+            terminated=Categorical(2, shape=(n, 1), dtype=torch.bool, device=dev),
+            truncated=Categorical(2, shape=(n, 1), dtype=torch.bool, device=dev),
+            shape=(n,),
+            device=dev,
+        )
+
+    # ------------------------------------------------------------------------- helpers
+    def _blank_signals(self) -> TensorDict:
+        """Signals of envs that have not trained yet: all slots DORMANT, nothing measured."""
+        out = {}
+        for k, (kind, dt) in SIGNAL_KEYS.items():
+            out[k] = torch.zeros(self._signal_shape(kind), dtype=dt, device=self.device)
+        out["stage"] = torch.full_like(out["stage"], int(SeedStage.DORMANT))
+        out["stage_before"] = out["stage"].clone()
+        out["action_accepted"] = torch.ones_like(out["action_accepted"])
+        return TensorDict(out, batch_size=[self.n], device=self.device)
+
+    def _observe(self, components: TensorDict, update_norm: bool) -> TensorDict:
+        sig = self.signals
+        masks = action_masks(sig["stage"], sig["gate_pass"], len(self.blueprint_names))
+        norm = self.features.norm
+        frozen = norm is not None and not update_norm and norm.training
+        if frozen:
+            norm.eval()
+        obs = self.features(self.tracker, sig)
+        if frozen:
+            norm.train()
+        return TensorDict(
+            {
+                "observation": obs,
+                **{k: masks[k] for k in MASK_KEYS},
+                "signals": sig.clone(),
+                "tracker": self.tracker.clone(),
+                "reward_components": components,
+            },
+            batch_size=[self.n],
+            device=self.device,
+        )
+
+    # ------------------------------------------------------------------------- EnvBase
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: object) -> TensorDictBase:
+        reset = tensordict.get("_reset", None) if tensordict is not None else None
+        if reset is None:
+            mask = torch.ones(self.n, dtype=torch.bool, device=self.device)
+        else:
+            mask = reset.reshape(self.n).to(torch.bool)
+        # Kasmina's reset_envs refreshes only the keys of its initial signals and fails on any
+        # other key of ``last``; apply_actions reads just these, so keep them (see report).
+        self.kasmina.last = self.kasmina.last.select(*_KASMINA_RESET_KEYS)
+        self.kasmina.reset_envs(mask)
+        fresh = new_tracker(self.n, len(self.slots), self.cfg.history_length, self.device)
+        self.tracker = _rows(mask, fresh, self.tracker)
+        self.signals = _rows(mask, self._blank_signals(), self.signals)
+        zeros = TensorDict(
+            {k: torch.zeros(self.n, device=self.device) for k in RewardComponents.names()},
+            batch_size=[self.n],
+        )
+        out = self._observe(zeros, update_norm=False)
+        false = torch.zeros(self.n, 1, dtype=torch.bool, device=self.device)
+        out.set("done", false)
+        out.set("terminated", false.clone())
+        out.set("truncated", false.clone())
+        return out
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        actions = TensorDict(
+            {k: tensordict.get(k).reshape(self.n).long() for k in ACTION_KEYS}, batch_size=[self.n]
+        )
+        raw = self.kasmina.run_epoch(actions)
+        self.signals = raw.select(*SIGNAL_KEYS).to(self.device)
+        self.tracker = self.features.update_tracker(self.tracker, self.signals, actions["op"])
+        truncated = self.signals["epoch"] >= self.episode_length
+        components = self.reward_fn(self.signals, actions["op"], truncated)
+        out = self._observe(components.to_tensordict(), update_norm=True)
+        out.set("reward", components.total.unsqueeze(-1))
+        out.set("terminated", torch.zeros(self.n, 1, dtype=torch.bool, device=self.device))
+        out.set("truncated", truncated.unsqueeze(-1))
+        out.set("done", truncated.unsqueeze(-1).clone())
+        return out
+
+    def _set_seed(self, seed: int | None) -> None:
+        """Re-key the hosts: envs started after the next reset draw from ``seed``."""
+        if seed is None:
+            return
+        self.kasmina.base_key = rng.stream_key(torch.tensor([int(seed)], device=self.device), 7)
+
+    # ------------------------------------------------------------------------- helpers
+    def describe(self, op: int, slot: int, blueprint: int, tempo: int) -> str:
+        o = Op(op)
+        if o is Op.GERMINATE:
+            return f"germinate({self.blueprint_names[blueprint]}@{self.slots[slot]}, tempo {TEMPOS[tempo]})"
+        if o is Op.WAIT:
+            return "wait"
+        return f"{o.name.lower()}({self.slots[slot]})"

@@ -1,0 +1,92 @@
+"""The shaped reward, computed per env on the device and returned component by component."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from tensordict import TensorDict
+
+from esper.leyline import LIVE_STAGES, NUM_STAGES, Op, SeedStage, stage_mask
+from esper.simic.config import RewardConfig
+
+S = SeedStage
+
+# Potential of a slot's stage: progress along the success path (failure path and empty: 0).
+STAGE_POTENTIAL: dict[SeedStage, float] = {
+    S.GERMINATED: 1.0,
+    S.TRAINING: 2.0,
+    S.BLENDING: 3.0,
+    S.SHADOWING: 4.0,
+    S.PROBATIONARY: 5.0,
+    S.FOSSILIZED: 6.0,
+}
+
+
+@dataclass(slots=True)
+class RewardComponents:
+    """Per-env ``[N]`` reward terms; ``total`` is their sum."""
+
+    contribution: torch.Tensor
+    shaping: torch.Tensor
+    rent: torch.Tensor
+    action_cost: torch.Tensor
+    fossilize: torch.Tensor
+    terminal: torch.Tensor
+    total: torch.Tensor
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "contribution": self.contribution,
+            "shaping": self.shaping,
+            "rent": self.rent,
+            "action_cost": self.action_cost,
+            "fossilize": self.fossilize,
+            "terminal": self.terminal,
+            "total": self.total,
+        }
+
+    def to_tensordict(self) -> TensorDict:
+        return TensorDict(self.to_dict(), batch_size=self.total.shape)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+class ShapedReward:
+    """Reward from one epoch's Kasmina signals, the requested op and the episode-end mask."""
+
+    def __init__(self, cfg: RewardConfig, host_params: float, device: torch.device | str) -> None:
+        self.cfg = cfg
+        self.host_params = host_params
+        pot = torch.zeros(NUM_STAGES)
+        for stage, value in STAGE_POTENTIAL.items():
+            pot[stage] = value
+        self.potential = pot.to(device)
+        self.live = stage_mask(LIVE_STAGES, device)
+        cost = torch.zeros(len(Op))
+        cost[Op.GERMINATE] = cfg.germinate_cost
+        cost[Op.ADVANCE] = cfg.advance_cost
+        cost[Op.CULL] = cfg.cull_cost
+        cost[Op.FOSSILIZE] = cfg.fossilize_cost
+        self.op_cost = cost.to(device)
+
+    def phi(self, stage: torch.Tensor) -> torch.Tensor:
+        """Potential of an env's slots ``[N, S] -> [N]``."""
+        return self.cfg.shaping * self.potential[stage].sum(dim=1)
+
+    def __call__(self, signals: TensorDict, op: torch.Tensor, end: torch.Tensor) -> RewardComponents:
+        cfg = self.cfg
+        stage, before = signals["stage"], signals["stage_before"]
+        live = self.live[stage]
+        measured = live & (signals["alpha"] > 0)
+        contribution = cfg.contribution * 0.01 * torch.where(measured, signals["contribution"], 0.0).sum(1)
+        shaping = cfg.gamma * self.phi(stage) - self.phi(before)
+        rent = -cfg.rent * torch.log1p(signals["params_added"] / self.host_params)
+        action_cost = -self.op_cost[op.long()]
+        fossilized = ((stage == S.FOSSILIZED) & (before == S.PROBATIONARY)).sum(1).float()
+        fossilize = cfg.fossilize_bonus * fossilized
+        terminal = torch.where(end, cfg.terminal * 0.01 * signals["val_acc"], 0.0)
+        total = contribution + shaping + rent + action_cost + fossilize + terminal
+        return RewardComponents(contribution, shaping, rent, action_cost, fossilize, terminal, total)

@@ -1,0 +1,36 @@
+"""Thresholds of the rule-based Tamiyo (pydantic, validated, part of the training config)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class HeuristicConfig(BaseModel):
+    """When the heuristic germinates, advances, culls and fossilizes (accuracies in points)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warmup_epochs: int = Field(3, ge=0, description="no germination before this epoch")
+    plateau_epochs: int = Field(2, ge=1, description="epochs of plateau before germinating")
+    cull_cooldown: int = Field(3, ge=0, description="epochs after a cull before germinating")
+    drop_threshold: float = Field(2.0, ge=0.0, description="cull when val acc fell this much")
+    min_epochs_before_cull: int = Field(2, ge=0, description="epochs in stage before a drop cull")
+    fossilize_threshold: float = Field(0.5, description="min contribution to fossilize")
+    probation_patience: int = Field(2, ge=0, description="epochs in PROBATIONARY before culling")
+    max_seeds: int = Field(3, ge=1, description="seeds (live + fossilized) per env at most")
+    blueprints: tuple[str, ...] | None = Field(
+        None, description="blueprints to rotate through (None: all but noop)"
+    )
+    tempo_index: int = Field(1, ge=0, le=2, description="index into leyline.TEMPOS")
+    cull_penalty: float = Field(1.0, ge=0.0, description="rotation penalty added on a cull")
+    penalty_decay: float = Field(0.9, ge=0.0, le=1.0, description="per-epoch penalty decay")
+
+
+class FixedScheduleConfig(BaseModel):
+    """The fixed growth schedule baseline: one blueprint germinated at set epochs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    blueprint: str = "conv_light"
+    epochs: tuple[int, ...] = Field((3,), min_length=1)
+    tempo_index: int = Field(1, ge=0, le=2)

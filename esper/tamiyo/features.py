@@ -1,0 +1,214 @@
+"""Observations: Kasmina's per-env signals plus on-device history, laid out by ObservationSchema.
+
+Everything is ``[N, ...]`` tensor arithmetic: no loop over envs, no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import nn
+
+from esper.leyline import LIVE_STAGES, NUM_OPS, NUM_STAGES, ObservationSchema, SeedStage, stage_mask
+
+S = SeedStage
+TRACKER_KEYS: tuple[str, ...] = (
+    "val_loss_hist",
+    "val_acc_hist",
+    "best_val_acc",
+    "plateau_epochs",
+    "epochs_since_improvement",
+    "epochs_since_cull",
+    "seeds_fossilized",
+    "seeds_culled",
+    "last_op",
+    "last_accepted",
+    "prev_val_loss",
+    "prev_val_acc",
+    "prev_contribution",
+)
+
+
+class RunningNorm(nn.Module):
+    """Running mean/variance normalizer (Welford over batches); frozen in ``eval()``."""
+
+    def __init__(self, size: int, eps: float = 1e-5, clip: float = 10.0) -> None:
+        super().__init__()
+        self.eps = eps
+        self.clip = clip
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("var", torch.ones(size))
+        self.register_buffer("count", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a batch ``[N, F]`` into the statistics."""
+        n = torch.tensor(float(x.shape[0]), device=x.device)
+        b_mean = x.mean(dim=0)
+        b_var = x.var(dim=0, unbiased=False)
+        total = self.count + n
+        delta = b_mean - self.mean
+        self.mean += delta * n / total
+        self.var.copy_((self.var * self.count + b_var * n + delta.pow(2) * self.count * n / total) / total)
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.update(x)
+        return ((x - self.mean) / (self.var + self.eps).sqrt()).clamp(-self.clip, self.clip)
+
+
+def new_tracker(n: int, n_slots: int, history: int, device: torch.device | str) -> TensorDict:
+    """Per-env history and counters at the start of an episode."""
+    f = {"dtype": torch.float32, "device": device}
+    lg = {"dtype": torch.long, "device": device}
+    big = 1000
+    return TensorDict(
+        {
+            "val_loss_hist": torch.zeros(n, history, **f),
+            "val_acc_hist": torch.zeros(n, history, **f),
+            "best_val_acc": torch.zeros(n, **f),
+            "plateau_epochs": torch.zeros(n, **lg),
+            "epochs_since_improvement": torch.zeros(n, **lg),
+            "epochs_since_cull": torch.full((n,), big, **lg),
+            "seeds_fossilized": torch.zeros(n, **lg),
+            "seeds_culled": torch.zeros(n, **lg),
+            "last_op": torch.zeros(n, **lg),
+            "last_accepted": torch.ones(n, dtype=torch.bool, device=device),
+            "prev_val_loss": torch.zeros(n, **f),
+            "prev_val_acc": torch.zeros(n, **f),
+            "prev_contribution": torch.zeros(n, n_slots, **f),
+        },
+        batch_size=[n],
+        device=device,
+    )
+
+
+class FeatureBuilder(nn.Module):
+    """Updates the tracker from each epoch's signals and builds the ``[N, F]`` observation."""
+
+    def __init__(
+        self,
+        schema: ObservationSchema,
+        host_params: float,
+        episode_length: int,
+        plateau_delta: float = 0.5,
+        improvement_delta: float = 0.1,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.schema = schema
+        self.host_params = host_params
+        self.episode_length = episode_length
+        self.plateau_delta = plateau_delta
+        self.improvement_delta = improvement_delta
+        self.norm = RunningNorm(schema.size) if normalize else None
+        self.register_buffer("live", stage_mask(LIVE_STAGES), persistent=False)
+        cols = []
+        for slot in schema.slots:
+            cols += [schema.index[f"{slot}.contribution"], schema.index[f"{slot}.contribution_velocity"]]
+        self.register_buffer("_gated_cols", torch.tensor(cols), persistent=False)
+
+    # ------------------------------------------------------------------------- tracker
+    def update_tracker(self, tracker: TensorDict, signals: TensorDict, op: torch.Tensor) -> TensorDict:
+        """The tracker after one epoch: histories shift, counters tick (a new TensorDict)."""
+        first = signals["epoch"] <= 1
+        val_loss, val_acc = signals["val_loss"], signals["val_acc"]
+        prev_acc = torch.where(first, val_acc, tracker["prev_val_acc"])
+        best = torch.where(first, val_acc, tracker["best_val_acc"])
+        improved = val_acc > best + self.improvement_delta
+        flat = (val_acc - prev_acc) < self.plateau_delta
+        stage, before = signals["stage"], signals["stage_before"]
+        fossilized = ((stage == S.FOSSILIZED) & (before != S.FOSSILIZED)).sum(1)
+        culled = ((stage == S.CULLED) & (before != S.CULLED)).sum(1)
+        zero = torch.zeros_like(tracker["plateau_epochs"])
+        return TensorDict(
+            {
+                "val_loss_hist": torch.cat([tracker["val_loss_hist"][:, 1:], val_loss[:, None]], 1),
+                "val_acc_hist": torch.cat([tracker["val_acc_hist"][:, 1:], val_acc[:, None]], 1),
+                "best_val_acc": torch.maximum(best, val_acc),
+                "plateau_epochs": torch.where(flat & ~first, tracker["plateau_epochs"] + 1, zero),
+                "epochs_since_improvement": torch.where(
+                    improved | first, zero, tracker["epochs_since_improvement"] + 1
+                ),
+                "epochs_since_cull": torch.where(culled > 0, zero, tracker["epochs_since_cull"] + 1),
+                "seeds_fossilized": tracker["seeds_fossilized"] + fossilized,
+                "seeds_culled": tracker["seeds_culled"] + culled,
+                "last_op": op.long(),
+                "last_accepted": signals["action_accepted"],
+                "prev_val_loss": torch.where(first, val_loss, tracker["val_loss_hist"][:, -1]),
+                "prev_val_acc": prev_acc,
+                "prev_contribution": torch.where(signals["alpha"] > 0, signals["contribution"], 0.0),
+            },
+            batch_size=tracker.batch_size,
+            device=tracker.device,
+        )
+
+    # ------------------------------------------------------------------------- features
+    def raw(self, tracker: TensorDict, signals: TensorDict) -> torch.Tensor:
+        """Un-normalized ``[N, F]`` features in the schema's column order."""
+        n = signals.batch_size[0]
+        stage = signals["stage"]
+        live = self.live[stage]
+        acc = 0.01  # accuracy points -> fractions
+        base = [
+            (signals["epoch"].float() / self.episode_length)[:, None],
+            signals["train_loss"][:, None],
+            signals["val_loss"][:, None],
+            acc * signals["train_acc"][:, None],
+            acc * signals["val_acc"][:, None],
+            acc * tracker["best_val_acc"][:, None],
+            (signals["val_loss"] - tracker["prev_val_loss"])[:, None],
+            acc * (signals["val_acc"] - tracker["prev_val_acc"])[:, None],
+            tracker["plateau_epochs"].float()[:, None],
+            tracker["epochs_since_improvement"].float()[:, None],
+            tracker["epochs_since_cull"].clamp(max=self.episode_length).float()[:, None],
+            live.sum(1, keepdim=True).float(),
+            tracker["seeds_fossilized"].float()[:, None],
+            tracker["seeds_culled"].float()[:, None],
+            torch.log1p(signals["params_added"] / self.host_params)[:, None],
+            tracker["last_accepted"].float()[:, None],
+            tracker["val_loss_hist"],
+            acc * tracker["val_acc_hist"],
+            F.one_hot(tracker["last_op"], NUM_OPS).float(),
+        ]
+        alpha = signals["alpha"]
+        measured = alpha > 0
+        contribution = torch.where(measured, acc * signals["contribution"], 0.0)
+        velocity = contribution - acc * tracker["prev_contribution"]
+        present = live | (stage == S.FOSSILIZED)
+        target = signals.get("alpha_target", torch.ones_like(alpha)) * present
+        seed_grad = signals["seed_grad_norm"]
+        ratio = seed_grad / signals["host_grad_norm"].clamp_min(1e-12)[:, None]
+        healthy = torch.isfinite(seed_grad) & (seed_grad < 1e3)
+        slot_scalars = torch.stack(
+            [
+                alpha,
+                target,
+                contribution,
+                torch.where(measured, velocity, 0.0),
+                measured.float(),
+                signals["epochs_in_stage"].float() / self.episode_length,
+                signals["seed_age"].float() / self.episode_length,
+                torch.where(live, torch.log1p(torch.nan_to_num(seed_grad, posinf=1e6)), 0.0),
+                torch.where(live, torch.log1p(torch.nan_to_num(ratio, posinf=1e6)), 0.0),
+                (healthy & live).float(),
+            ],
+            dim=-1,
+        )  # [N, S, 10]
+        bp = F.one_hot(signals["blueprint"], len(self.schema.blueprints)).float() * present[..., None]
+        per_slot = torch.cat([slot_scalars, F.one_hot(stage, NUM_STAGES).float(), bp], dim=-1)
+        out = torch.cat([*base, per_slot.reshape(n, -1)], dim=1)
+        return torch.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6)
+
+    def forward(self, tracker: TensorDict, signals: TensorDict) -> torch.Tensor:
+        """Normalized features; unmeasured contributions stay exactly 0 after normalizing."""
+        x = self.raw(tracker, signals)
+        if self.norm is None:
+            return x
+        x = self.norm(x)
+        keep = torch.ones_like(x)
+        measured = signals["alpha"] > 0  # [N, S]
+        keep[:, self._gated_cols] = measured.float().repeat_interleave(2, dim=1)
+        return x * keep

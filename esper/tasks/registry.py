@@ -1,0 +1,25 @@
+"""Task registry: the one place that maps a task name to its loader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from esper.tasks.base import TaskData
+from esper.tasks.cifar import load_cifar10
+from esper.tasks.synthetic import make_synthetic_task
+
+DEFAULT_TASK = "synthetic"
+TASKS: dict[str, Callable[..., TaskData]] = {
+    "synthetic": make_synthetic_task,
+    "cifar10": load_cifar10,
+}
+
+
+def load_task(name: str = DEFAULT_TASK, **kwargs: Any) -> TaskData:
+    """Build task `name` with the loader's keyword arguments (e.g. device, seed, root)."""
+    try:
+        loader = TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; allowed: {sorted(TASKS)}") from None
+    return loader(**kwargs)

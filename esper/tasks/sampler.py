@@ -1,0 +1,164 @@
+"""Per-env minibatches for N host runs at once, drawn on the task's device.
+
+Every env gets its own shuffle of the training set each epoch (one batched argsort of random
+keys, [N, T]); a step is ONE index_select of N*B images, then batched augmentation and
+normalization. There is no Python loop over envs, and nothing leaves the device.
+
+Epoch length: ceil(T / B) steps. When B does not divide T the last step is smaller
+(T mod B images per env), so every env sees every training example exactly once per epoch.
+Set `drop_last=True` for a fixed shape instead (T // B full steps; the leftover T mod B
+examples of each env's shuffle are skipped that epoch), e.g. to avoid a second compiled graph.
+
+Two sources of randomness: iterating the sampler uses its `torch.Generator` (reproducible per
+run, checkpointable with `state_dict`); `epoch(keys, epoch)` uses the counter-based
+`esper.rng`, so env i's order and augmentations depend only on (its key, its epoch) and are the
+same whether it trains alone or inside a batch of N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from esper import rng
+from esper.tasks.base import TaskData, crop_flip
+
+_PERM_STREAM = 0x7A5C  # esper.rng stream ids for the sampler's keyed draws
+_AUG_STREAM = 0x7A5D
+
+
+class EnvBatchSampler:
+    """Minibatches [N, B, C, H, W] with an independent order per env, reproducible from a seed.
+
+    The RNG is a `torch.Generator` on the task's device. `state_dict` captures it plus the
+    epoch counter; take it between epochs (Esper checkpoints at epoch boundaries) and a
+    restored sampler continues with exactly the same shuffles and augmentations.
+    """
+
+    def __init__(
+        self,
+        task: TaskData,
+        n_envs: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if n_envs < 1 or batch_size < 1:
+            raise ValueError(f"n_envs and batch_size must be positive, got {n_envs}, {batch_size}")
+        if drop_last and batch_size > task.train_size:
+            raise ValueError(
+                f"drop_last with batch_size {batch_size} > train size {task.train_size} "
+                "would give empty epochs"
+            )
+        self.task = task.to(device) if device is not None else task
+        self.device = self.task.device
+        self.n_envs = n_envs
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(seed))
+        elif generator.device.type != self.device.type:
+            raise ValueError(f"generator is on {generator.device}, task on {self.device}")
+        self.generator = generator
+        self.epoch_count = 0
+        self._perm: Tensor | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps in one epoch: ceil(T / B), or T // B with drop_last."""
+        t, b = self.task.train_size, self.batch_size
+        return t // b if self.drop_last else -(-t // b)
+
+    def step_sizes(self) -> list[int]:
+        """Per-env batch size of each step of an epoch (only the last can be smaller)."""
+        t, b = self.task.train_size, self.batch_size
+        return [min(b, t - i * b) for i in range(self.steps_per_epoch)]
+
+    def new_epoch(self) -> Tensor:
+        """Draw each env's permutation of the training set for a new epoch: [N, T] int64."""
+        keys = torch.randint(
+            0,
+            2**62,
+            (self.n_envs, self.task.train_size),
+            generator=self.generator,
+            device=self.device,
+        )
+        self._perm = torch.argsort(keys, dim=1, stable=True)
+        self.epoch_count += 1
+        return self._perm
+
+    def _gather(self, perm: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """Raw images [N, b, C, H, W] and labels [N, b] of one step, by ONE index_select each."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} outside [0, {self.steps_per_epoch})")
+        b = self.batch_size
+        idx = perm[:, step * b : (step + 1) * b]  # [N, b]
+        n, bb = idx.shape
+        flat = idx.reshape(-1)
+        x = self.task.train_x.index_select(0, flat).view(n, bb, *self.task.image_shape)
+        y = self.task.train_y.index_select(0, flat).view(n, bb)
+        return x, y
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """Step `step` of the current epoch: x [N, B, C, H, W] float32, y [N, B] int64."""
+        if self._perm is None:
+            raise RuntimeError("call new_epoch() (or iterate the sampler) before batch()")
+        x, y = self._gather(self._perm, step)
+        x = self.task.augment_batch(x, self.generator)
+        return self.task.prepare(x), y
+
+    def epoch(self, keys: Tensor, epoch: Tensor | int) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch with per-env counter-based randomness from `esper.rng`.
+
+        `keys` [N] are the envs' RNG keys and `epoch` ([N] or a scalar) their epoch counters.
+        Env i's permutation and crop/flip draws are a pure function of (keys[i], epoch[i]), so
+        an env reproduces its data stream regardless of batch composition. The sampler's own
+        generator is not touched.
+        """
+        if keys.shape != (self.n_envs,):
+            raise ValueError(f"keys must be [{self.n_envs}], got {tuple(keys.shape)}")
+        ekey = rng.stream_key(keys.to(self.device), _PERM_STREAM, epoch)
+        perm = rng.permutations(ekey, self.task.train_size)  # [N, T]
+        pad = self.task.crop_padding
+        for step in range(self.steps_per_epoch):
+            x, y = self._gather(perm, step)
+            if self.task.augment:
+                u = rng.uniform(rng.stream_key(ekey, _AUG_STREAM, step), (y.shape[1], 3))
+                span = 2 * pad + 1
+                oy = (u[..., 0] * span).long().clamp_(max=span - 1)
+                ox = (u[..., 1] * span).long().clamp_(max=span - 1)
+                x = crop_flip(x, pad, oy, ox, u[..., 2] < 0.5)
+            yield self.task.prepare(x), y
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch: new permutations, then every step in order."""
+        self.new_epoch()
+        for step in range(self.steps_per_epoch):
+            yield self.batch(step)
+
+    def val_batches(self, batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """The shared validation set in order, as (x [B, C, H, W] float32, y [B]) chunks."""
+        b = batch_size or self.batch_size
+        vx, vy = self.task.val_x, self.task.val_y
+        for start in range(0, self.task.val_size, b):
+            yield self.task.prepare(vx[start : start + b]), vy[start : start + b]
+
+    def state_dict(self) -> dict[str, Any]:
+        """RNG state and epoch counter, for checkpoints taken between epochs."""
+        return {"generator": self.generator.get_state(), "epoch_count": self.epoch_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; the next epoch repeats the original run's next epoch."""
+        self.generator.set_state(state["generator"])
+        self.epoch_count = int(state["epoch_count"])
+        self._perm = None
