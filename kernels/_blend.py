@@ -284,6 +284,9 @@ def blend(host: Tensor, seed: Tensor, alpha: Tensor, env_dim: int = 0) -> Tensor
         raise ValueError(
             f"blend: alpha must have shape [{host.shape[env_dim]}] (host.shape[env_dim])"
         )
-    if use_op(host):
+    # Under torch.compile the reference is traced instead: compiled ``torch.func.grad`` rejects
+    # custom ops (pytorch#170834), and inductor turns the reference into one fused Triton
+    # kernel on CUDA anyway. Eager CUDA runs the hand-written kernel.
+    if use_op(host) and not torch.compiler.is_compiling():
         return _Blend.apply(host, seed, alpha, env_dim)
     return blend_reference(host, seed, alpha, env_dim)
