@@ -75,7 +75,7 @@ def results_table(results: dict[str, dict[str, Any]]) -> Table:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     try:
         cfg = build_config(args)
         profile = telemetry_profile(cfg)

@@ -37,7 +37,7 @@ def summary_table(summaries: list[EpisodeSummary], title: str) -> Table:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     try:
         cfg = build_config(args)
         profile = telemetry_profile(cfg)

@@ -27,6 +27,8 @@ from esper.leyline import CANONICAL_SLOTS, GateId, Op, SeedStage, ordered_slots
 from esper.tasks import EnvBatchSampler, TaskData
 
 S = SeedStage
+TRAIN_CAPTURE = frozenset({"grads", "activations"})
+CAPTURES = TRAIN_CAPTURE | {"logits"}
 
 
 @dataclass
@@ -86,17 +88,24 @@ class MorphogeneticBatch:
         )
         self.host_params = float(self.arch.spec.param_count(c, self.num_classes))
         self.last = self._initial_signals()
-        self._step = self._build_step()
+        self._steps: dict[frozenset[str], Callable[..., dict[str, torch.Tensor]]] = {}
+        self.captured: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------- setup
     def _env_keys(self) -> torch.Tensor:
         return rng.stream_key(self.base_key.expand(self.n), self.env_ids, self.episode)
 
-    def _build_step(self) -> Callable[..., dict[str, torch.Tensor]]:
-        fn = partial(train_step, self.arch, self.cfg.step)
+    def _build_step(self, capture: frozenset[str] = frozenset()) -> Callable[..., dict[str, torch.Tensor]]:
+        fn = partial(train_step, self.arch, self.cfg.step, capture=capture)
         if self.cfg.compile:
             return torch.compile(fn, fullgraph=True, mode=self.cfg.compile_mode)
         return fn
+
+    def _step_for(self, capture: frozenset[str]) -> Callable[..., dict[str, torch.Tensor]]:
+        """The step variant returning ``capture`` (one compiled graph per distinct set)."""
+        if capture not in self._steps:
+            self._steps[capture] = self._build_step(capture)
+        return self._steps[capture]
 
     def _initial_signals(self) -> TensorDict:
         n, s, dev = self.n, len(self.arch.slots), self.device
@@ -158,68 +167,81 @@ class MorphogeneticBatch:
             for slot in self.arch.slots
         }
 
-    def train_epoch(self) -> dict[str, torch.Tensor]:
-        """One pass over each env's own permutation of the training set."""
+    def train_epoch(self, capture: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """One pass over each env's own permutation of the training set.
+
+        ``capture`` (``"grads"``, ``"activations"``) is taken from the epoch's last step only,
+        into ``self.captured``; other steps run the plain variant.
+        """
         st = as_dicts(self.state)
         ctrl = self.controls()
         sums: dict[str, torch.Tensor] = {}
         last: dict[str, torch.Tensor] = {}
         seen = 0
-        for x, y in self.sampler.epoch(self.keys, self.epoch):
-            out = self._step(st["host"], st["buffers"], st["seeds"], st["host_mom"], st["seed_mom"], ctrl, x, y)
+        steps = self.sampler.steps_per_epoch
+        wanted = capture & TRAIN_CAPTURE
+        for i, (x, y) in enumerate(self.sampler.epoch(self.keys, self.epoch)):
+            step = self._step_for(wanted if i == steps - 1 else frozenset())
+            out = step(st["host"], st["buffers"], st["seeds"], st["host_mom"], st["seed_mom"], ctrl, x, y)
             seen += y.shape[1]
             for k in ("loss", "correct", "host_grad_norm", "seed_grad_norm"):
                 v = out[k] * y.shape[1] if k == "loss" else out[k]
                 sums[k] = sums[k] + v if k in sums else v
             last = out
-        steps = self.sampler.steps_per_epoch
+        self.captured.update({k: v for k, v in last.items() if k.startswith(("grad.", "act."))})
         return {
             "train_loss": sums["loss"] / seen,
             "train_acc": 100.0 * sums["correct"].float() / seen,
             "host_grad_norm": sums["host_grad_norm"] / steps,
             "seed_grad_norm": sums["seed_grad_norm"] / steps,
-            **{k: v for k, v in last.items() if k.startswith("grad_")},
+            "grad_nonfinite": last["grad_nonfinite"],
         }
 
     @torch.no_grad()
-    def validate(self) -> dict[str, torch.Tensor]:
-        """Loss, accuracy, per-class accuracy and per-slot counterfactual accuracy, per env."""
+    def validate(self, keep_logits: bool = False) -> dict[str, torch.Tensor]:
+        """Loss, accuracy and per-slot counterfactual accuracy, per env.
+
+        With ``keep_logits`` the actual model's validation logits ``[N, V, K]`` and labels go
+        to ``self.captured`` (per-class telemetry reads them).
+        """
         st = as_dicts(self.state)
         ctrl = self.controls()
         k_cls = self.num_classes
-        n_rows = 1 + len(self.arch.slots)
-        correct = torch.zeros(n_rows, self.n, device=self.device)
+        correct = torch.zeros(1 + len(self.arch.slots), self.n, device=self.device)
         loss = torch.zeros(self.n, device=self.device)
-        class_correct = torch.zeros(self.n, k_cls, device=self.device)
-        class_count = torch.zeros(k_cls, device=self.device)
-        confusion = torch.zeros(self.n, k_cls, k_cls, device=self.device)
+        kept: list[torch.Tensor] = []
         for x, y in self.sampler.val_batches(self.cfg.val_batch_size):
             logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x)
-            hit = logits.argmax(dim=-1) == y  # [rows, N, B]
-            correct += hit.sum(dim=-1)
+            correct += (logits.argmax(dim=-1) == y).sum(dim=-1)
             actual = logits[0]
             loss += F.cross_entropy(actual.reshape(-1, k_cls), y.repeat(self.n), reduction="none").view(self.n, -1).sum(1)
-            onehot = F.one_hot(y, k_cls).float()
-            class_correct += hit[0].float() @ onehot
-            predicted = F.one_hot(actual.argmax(dim=-1), k_cls).float()  # [N, B, K]
-            confusion += torch.einsum("bt,nbp->ntp", onehot, predicted)
-            class_count += onehot.sum(dim=0)
+            if keep_logits:
+                kept.append(actual)
+        if keep_logits:
+            self.captured["val_logits"] = torch.cat(kept, dim=1)
+            self.captured["val_labels"] = self.task.val_y
         total = self.task.val_size
         acc = 100.0 * correct / total
         return {
             "val_loss": loss / total,
             "val_acc": acc[0],
             "val_acc_without": acc[1:].T.contiguous(),  # [N, S]
-            "per_class_acc": 100.0 * class_correct / class_count.clamp_min(1),
-            "confusion": confusion,
         }
 
-    def run_epoch(self, actions: TensorDict) -> TensorDict:
-        """Apply actions, train one epoch, validate, gate, tick. Returns per-env signals."""
+    def run_epoch(self, actions: TensorDict, capture: frozenset[str] = frozenset()) -> TensorDict:
+        """Apply actions, train one epoch, validate, gate, tick. Returns per-env signals.
+
+        ``capture`` names extra tensors for telemetry (:data:`CAPTURES`), left in
+        ``self.captured`` for this epoch.
+        """
+        unknown = capture - CAPTURES
+        if unknown:
+            raise ValueError(f"unknown capture(s) {sorted(unknown)}; allowed: {sorted(CAPTURES)}")
+        self.captured = {}
         stage_before = self._stacked("stage")
         applied = self.apply_actions(actions)
-        train = self.train_epoch()
-        val = self.validate()
+        train = self.train_epoch(capture)
+        val = self.validate(keep_logits="logits" in capture)
         blended = self._stacked("alpha") > 0
         contribution = torch.where(blended, val["val_acc"].unsqueeze(1) - val["val_acc_without"], 0.0)
         for k, slot in enumerate(self.arch.slots):
@@ -251,6 +273,7 @@ class MorphogeneticBatch:
                 "stage_before": stage_before,
                 "stage": self._stacked("stage"),
                 "alpha": self._stacked("alpha"),
+                "alpha_target": self._stacked("alpha_target"),
                 "blueprint": self._stacked("blueprint"),
                 "epochs_in_stage": self._stacked("epochs_in_stage"),
                 "seed_age": self._stacked("seed_age"),

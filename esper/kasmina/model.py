@@ -65,14 +65,21 @@ def forward_train(
     seeds: SeedParams,
     ctrl: Controls,
     x: torch.Tensor,
+    activations: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Tensors]:
-    """Training forward on per-env batches ``x [N, B, C, H, W]``: logits ``[N, B, K]``."""
+    """Training forward on per-env batches ``x [N, B, C, H, W]``: logits ``[N, B, K]``.
+
+    With ``activations`` given, each block's output (after its slots) is appended to it as a
+    detached ``[B, N, C, H, W]`` view, for telemetry captured inside the compiled step.
+    """
     h = layers.to_grouped(x)
     new_buffers: Tensors = {}
     for i in range(arch.spec.num_blocks):
         h = host_block(params, buffers, new_buffers, i, h, training=True)
         for slot in arch.slots_after_block(i):
             h = apply_slot(arch, h, seeds[slot], ctrl[slot])
+        if activations is not None:
+            activations.append(layers.env_view(h.detach(), arch.n_envs))
     return host_head(params, h), new_buffers
 
 

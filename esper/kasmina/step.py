@@ -51,26 +51,31 @@ def train_step(
     ctrl: Controls,
     x: torch.Tensor,
     y: torch.Tensor,
+    capture: frozenset[str] = frozenset(),
 ) -> Tensors:
     """Train every env on its own minibatch ``x [N, B, C, H, W]``, ``y [N, B]``, in place.
 
     Returns per-env metrics (all tensors, nothing leaves the device): ``loss [N]``,
-    ``correct [N]``, the host gradient-statistics table ``[N, L]`` fields, and per-slot seed
-    gradient norms ``[N, S]``.
+    ``correct [N]``, host gradient norm ``[N]`` and non-finite counts ``[N, L]`` (from the one
+    ``grad_stats`` pass that also feeds clipping), and per-slot seed gradient norms ``[N, S]``. ``capture`` (static: each set compiles once) may ask for the
+    raw host gradients (``"grads"`` -> ``grad.<name>``) and block activations
+    (``"activations"`` -> ``act.<i>``, ``[B, N, C, H, W]``) for telemetry.
     """
     n, b = y.shape
 
-    def loss_fn(p: Tensors, s: SeedParams) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Tensors]]:
-        logits, new_buffers = forward_train(arch, p, buffers, s, ctrl, x)
+    def loss_fn(p: Tensors, s: SeedParams) -> tuple[torch.Tensor, tuple]:
+        acts: list[torch.Tensor] | None = [] if "activations" in capture else None
+        logits, new_buffers = forward_train(arch, p, buffers, s, ctrl, x, acts)
         per_sample = F.cross_entropy(logits.reshape(n * b, -1), y.reshape(n * b), reduction="none")
         per_env = per_sample.view(n, b).mean(dim=1)
         correct = (logits.detach().argmax(dim=-1) == y).sum(dim=1)
         # Summing per-env mean losses keeps every env's gradient its own.
-        return per_env.sum(), (per_env.detach(), correct, new_buffers)
+        return per_env.sum(), (per_env.detach(), correct, new_buffers, acts or [])
 
-    (g_host, g_seeds), (loss, correct, new_buffers) = torch.func.grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        params, seeds
-    )
+    (g_host, g_seeds), (loss, correct, new_buffers, acts) = torch.func.grad(
+        loss_fn, argnums=(0, 1), has_aux=True
+    )(params, seeds)
+    raw_host = g_host
     host_names = list(params)
     stats = esper_kernels.grad_stats(
         [g_host[k] for k in host_names], hp.vanishing_threshold, hp.exploding_threshold
@@ -91,15 +96,15 @@ def train_step(
             for bp_name, bp_grads in g_seeds[slot].items():
                 for k, g in _scale(bp_grads, coef).items():
                     _sgd_(seeds[slot][bp_name][k], g, seed_mom[slot][bp_name][k], ctrl[slot]["lr"], hp)
+    captured: Tensors = {}
+    if "grads" in capture:
+        captured.update({f"grad.{k}": raw_host[k] for k in host_names})
+    if acts:
+        captured.update({f"act.{i}": a for i, a in enumerate(acts)})
     return {
+        **captured,
         "loss": loss,
         "correct": correct,
-        "grad_norm": stats.norm,
-        "grad_mean": stats.mean,
-        "grad_std": stats.std,
-        "grad_max_abs": stats.max_abs,
-        "grad_frac_vanishing": stats.frac_vanishing,
-        "grad_frac_exploding": stats.frac_exploding,
         "grad_nonfinite": stats.nonfinite,
         "host_grad_norm": stats.total_norm,
         "seed_grad_norm": torch.stack(seed_norms, dim=1),

@@ -26,8 +26,8 @@ class TaskConfig(_Strict):
     """Which dataset, and how much of it."""
 
     name: Literal["synthetic", "cifar10"] = "synthetic"
-    train_size: int | None = Field(4096, ge=1)
-    val_size: int | None = Field(1024, ge=1)
+    train_size: int | None = Field(1024, ge=1)
+    val_size: int | None = Field(512, ge=1)
     image_size: int = Field(16, ge=5, description="synthetic only")
     num_classes: int = Field(10, ge=2, description="synthetic only")
     seed: int = Field(0, ge=0, description="synthetic data seed")
@@ -89,7 +89,7 @@ class KasminaSection(_Strict):
 class EpisodeConfig(_Strict):
     """How long an episode is (one step = one host epoch) and how many envs run at once."""
 
-    length: int = Field(20, ge=1)
+    length: int = Field(24, ge=1)
     envs: int = Field(8, ge=1)
     episodes: int = Field(1, ge=1)
     seed: int = Field(0, ge=0)
@@ -143,7 +143,7 @@ class TelemetrySection(_Strict):
     backends: list[str] = Field(default_factory=lambda: ["console"])
     overrides: list[str] = Field(default_factory=list)
     profile_file: str | None = None
-    verbosity: int = Field(1, ge=0, le=3)
+    verbosity: int = Field(0, ge=0, le=3)
 
 
 class TrainingConfig(_Strict):

@@ -25,7 +25,6 @@ from esper.tamiyo.features import FeatureBuilder, new_tracker
 from esper.tamiyo.masks import MASK_KEYS, action_masks
 from esper.tasks import TaskData, load_task
 
-_KASMINA_RESET_KEYS = ("val_acc", "seed_grad_norm", "host_grad_norm", "gate_pass")
 ACTION_KEYS: tuple[str, ...] = ("op", "slot", "blueprint", "tempo")
 # Kasmina signals exposed to policies: name -> (per-env trailing shape kind, dtype).
 SIGNAL_KEYS: dict[str, tuple[str, torch.dtype]] = {
@@ -99,6 +98,8 @@ class MorphogeneticEnv(EnvBase):
         self.n = n
         self.episode_length = cfg.episode.length
         self.kasmina = MorphogeneticBatch(task, n, kasmina_config(cfg), base_seed=seed, env_offset=env_offset)
+        # What Kasmina captures for telemetry next epoch (set per epoch by the runner).
+        self.capture: frozenset[str] = frozenset()
         mb = self.kasmina
         self.slots = mb.arch.slots
         self.blueprint_names = mb.blueprint_names
@@ -203,9 +204,6 @@ class MorphogeneticEnv(EnvBase):
             mask = torch.ones(self.n, dtype=torch.bool, device=self.device)
         else:
             mask = reset.reshape(self.n).to(torch.bool)
-        # Kasmina's reset_envs refreshes only the keys of its initial signals and fails on any
-        # other key of ``last``; apply_actions reads just these, so keep them (see report).
-        self.kasmina.last = self.kasmina.last.select(*_KASMINA_RESET_KEYS)
         self.kasmina.reset_envs(mask)
         fresh = new_tracker(self.n, len(self.slots), self.cfg.history_length, self.device)
         self.tracker = _rows(mask, fresh, self.tracker)
@@ -225,7 +223,7 @@ class MorphogeneticEnv(EnvBase):
         actions = TensorDict(
             {k: tensordict.get(k).reshape(self.n).long() for k in ACTION_KEYS}, batch_size=[self.n]
         )
-        raw = self.kasmina.run_epoch(actions)
+        raw = self.kasmina.run_epoch(actions, capture=self.capture)
         self.signals = raw.select(*SIGNAL_KEYS).to(self.device)
         self.tracker = self.features.update_tracker(self.tracker, self.signals, actions["op"])
         truncated = self.signals["epoch"] >= self.episode_length

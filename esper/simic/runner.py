@@ -17,6 +17,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.envs.utils import step_mdp
 
 from esper.leyline import (
+    LIVE_STAGES,
     DecisionEvent,
     EventKind,
     LifecycleEvent,
@@ -24,8 +25,9 @@ from esper.leyline import (
     SeedStage,
     TelemetryEvent,
 )
-from esper.nissa import NissaHub, TelemetryConfig, epoch_event, materialize
+from esper.nissa import NissaHub, TelemetryConfig, epoch_event, load_profile, materialize
 from esper.simic.env import ACTION_KEYS, MorphogeneticEnv
+from esper.simic.telemetry import EpochTelemetry
 from esper.tamiyo.heuristic import REASONS, Reason
 
 S = SeedStage
@@ -73,23 +75,6 @@ class EpisodeSummary:
         }
 
 
-def telemetry_extras(signals: TensorDictBase, profile: TelemetryConfig | None) -> TensorDict:
-    """The profile-gated diagnostics Kasmina computed (per-layer gradients, per-class)."""
-    keys: list[str] = []
-    if profile is not None and profile.gradients.enabled:
-        keys += ["grad_norm", "grad_frac_vanishing", "grad_frac_exploding", "grad_nonfinite"]
-        if profile.gradients.track_std:
-            keys += ["grad_mean", "grad_std", "grad_max_abs"]
-    if profile is not None and profile.per_class.enabled:
-        if profile.per_class.track_accuracy:
-            keys.append("per_class_acc")
-        if profile.per_class.track_confusion:
-            keys.append("confusion")
-    keys.append("gate_reason")
-    present = [k for k in keys if k in signals]
-    return signals.select(*present)
-
-
 class _Track:
     """Host-side per-env episode bookkeeping, fed from snapshots."""
 
@@ -125,7 +110,8 @@ class EpisodeRunner:
         self.env = env
         self.policy = policy
         self.hub = hub
-        self.profile = profile
+        self.profile = profile if profile is not None else load_profile("minimal")
+        self.telemetry = EpochTelemetry(self.profile, env.kasmina)
         self.reasons = reasons
         self.on_epoch = on_epoch
         self.syncs = 0
@@ -149,7 +135,9 @@ class EpisodeRunner:
         done_episodes = np.zeros(n, dtype=np.int64)
         summaries: list[EpisodeSummary] = []
         step = 0
+        self._prev_contribution = np.zeros((n, len(env.slots)))
         while (done_episodes < episodes).any():
+            env.capture = self.telemetry.begin_epoch(step)
             td = self.policy(td)
             if "reason" not in td:
                 td.set("reason", torch.full((n,), -1, dtype=torch.long, device=env.device))
@@ -163,7 +151,7 @@ class EpisodeRunner:
                     "reward": nxt["reward"].squeeze(-1),
                     "reward_components": nxt["reward_components"],
                     "done": nxt["done"].squeeze(-1),
-                    "extra": telemetry_extras(env.kasmina.last, self.profile),
+                    "diag": self.telemetry.diagnostics(nxt["signals"]),
                 },
                 batch_size=[n],
             )
@@ -180,6 +168,8 @@ class EpisodeRunner:
                 td.set("_reset", mask.unsqueeze(-1))
                 td = env.reset(td)
                 self._reset_policy(mask)
+        self.analytics_table = self.telemetry.analytics.summary()
+        self._emit(self.telemetry.analytics.to_event(step))
         return summaries
 
     # ------------------------------------------------------------------------- host side
@@ -194,6 +184,12 @@ class EpisodeRunner:
         n = env.n
         epoch = snap["signals.epoch"]
         self._emit(epoch_event(snap, int(epoch.max())))
+        stage_now = snap["signals.stage"]
+        free_slots = (stage_now == S.DORMANT).sum(axis=1)
+        for event in self.telemetry.epoch_events(self.telemetry.host_view(snap), int(epoch.max()), free_slots):
+            self._emit(event)
+        contribution = snap["signals.contribution"]
+        kas = env.kasmina
         op, slot = snap["action.op"], snap["action.slot"]
         bp, tempo, reason = snap["action.blueprint"], snap["action.tempo"], snap["action.reason"]
         accepted = snap["signals.action_accepted"]
@@ -211,8 +207,11 @@ class EpisodeRunner:
             e = int(epoch[i])
             why = self.reasons[int(reason[i])] if 0 <= int(reason[i]) < len(self.reasons) else ""
             action = env.describe(int(op[i]), int(slot[i]), int(bp[i]), int(tempo[i]))
-            self._emit(DecisionEvent(kind=EventKind.DECISION, env=i, epoch=e, action=action,
-                                     accepted=bool(accepted[i]), reason=why))
+            decision = DecisionEvent(kind=EventKind.DECISION, env=i, epoch=e, action=action,
+                                     accepted=bool(accepted[i]), reason=why)
+            self._emit(decision)
+            if int(op[i]) != Op.WAIT:
+                self._emit(self.telemetry.explain(decision, why))
             if int(op[i]) == Op.GERMINATE and bool(accepted[i]):
                 track.germinated[i] += 1
                 if int(reason[i]) == Reason.GERMINATE_PLATEAU:
@@ -222,12 +221,27 @@ class EpisodeRunner:
                 )
             for k in np.nonzero(stage[i] != before[i])[0]:
                 src, dst = S(int(before[i, k])), S(int(stage[i, k]))
-                self._emit(LifecycleEvent(
-                    kind=EventKind.LIFECYCLE, env=i, epoch=e, slot=env.slots[k],
-                    blueprint=env.blueprint_names[int(blueprint[i, k])],
-                    from_stage=src.name, to_stage=dst.name,
-                    payload={"val_acc": float(val_acc[i])},
-                ))
+                # Culls pass CULLED -> EMBARGOED and germinations GERMINATED -> TRAINING within
+                # one epoch; report the decisive step.
+                if dst is S.EMBARGOED and src in LIVE_STAGES:
+                    dst = S.CULLED
+                if src is S.DORMANT and dst is S.TRAINING:
+                    dst = S.GERMINATED
+                name = env.blueprint_names[int(blueprint[i, k])]
+                payload: dict[str, float] = {"val_acc": float(val_acc[i])}
+                if dst is S.GERMINATED:
+                    c = kas.arch.spec.slot_channels(env.slots[k])
+                    hw = kas.arch.spec.slot_spatial(env.slots[k], kas.task.image_shape[1]) ** 2
+                    bp_obj = kas.arch.blueprints[int(blueprint[i, k])]
+                    payload |= {"params": float(bp_obj.param_count(c)), "flops": float(bp_obj.flops(c, hw))}
+                if dst in (S.FOSSILIZED, S.CULLED):
+                    payload["accuracy_delta"] = float(self._prev_contribution[i, k])
+                event = LifecycleEvent(
+                    kind=EventKind.LIFECYCLE, env=i, epoch=e, slot=env.slots[k], blueprint=name,
+                    from_stage=src.name, to_stage=dst.name, payload=payload,
+                )
+                self._emit(event)
+                self.telemetry.lifecycle(event, [i] if dst is S.FOSSILIZED else [])
                 token = {S.BLENDING: "blend", S.FOSSILIZED: "fossilize", S.CULLED: "cull"}.get(dst)
                 if token is not None:
                     track.tokens[i].append(f"{token}({env.slots[k]})" if token != "blend" else token)
@@ -235,7 +249,7 @@ class EpisodeRunner:
                 summary = EpisodeSummary(
                     env=i,
                     episode=int(done_episodes[i]),
-                    trajectory=" → ".join(track.tokens[i]) or "static",
+                    trajectory=" → ".join(track.tokens[i]) or "no growth",
                     final_val_acc=float(val_acc[i]),
                     best_val_acc=float(track.best[i]),
                     params_added=float(snap["signals.params_added"][i]),
@@ -250,3 +264,8 @@ class EpisodeRunner:
                 done_episodes[i] += 1
             if bool(snap["done"][i]):
                 track.clear(i)
+        # The latest measured contribution per slot: what a fossilize or cull decided on.
+        measured = snap["signals.alpha"] > 0
+        self._prev_contribution = np.where(
+            measured, contribution, np.where(stage == S.DORMANT, 0.0, self._prev_contribution)
+        )

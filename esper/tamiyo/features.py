@@ -115,7 +115,7 @@ class FeatureBuilder(nn.Module):
         """The tracker after one epoch: histories shift, counters tick (a new TensorDict)."""
         first = signals["epoch"] <= 1
         val_loss, val_acc = signals["val_loss"], signals["val_acc"]
-        prev_acc = torch.where(first, val_acc, tracker["prev_val_acc"])
+        prev_acc = torch.where(first, val_acc, tracker["val_acc_hist"][:, -1])
         best = torch.where(first, val_acc, tracker["best_val_acc"])
         improved = val_acc > best + self.improvement_delta
         flat = (val_acc - prev_acc) < self.plateau_delta

@@ -1,0 +1,55 @@
+"""Capacity gap on the embedded task: static hosts of two sizes, same epochs.
+
+Growth only has room to help if a small host falls well short of a larger one. Run:
+``python bench/capacity.py --hosts impaired,baseline --envs 4 --epochs 20``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from tensordict import TensorDict
+
+from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
+from esper.kasmina.hosts import host_spec
+from esper.tasks import load_task
+
+
+def run(host: str, envs: int, epochs: int, seed: int, device: str) -> dict[str, float]:
+    task = load_task("synthetic", seed=seed, device=device)
+    batch = MorphogeneticBatch(task, envs, KasminaConfig(host=host, blueprints=("noop",)), base_seed=seed)
+    wait = TensorDict({k: torch.zeros(envs, dtype=torch.long, device=device) for k in ("op", "slot", "blueprint", "tempo")},
+                      batch_size=[envs])
+    start = time.perf_counter()
+    for _ in range(epochs):
+        signals = batch.run_epoch(wait)
+    acc = signals["val_acc"].cpu()
+    c, _, _ = task.image_shape
+    return {
+        "host": host,
+        "params": host_spec(host).param_count(c, task.num_classes),
+        "val_acc_mean": float(acc.mean()),
+        "val_acc_std": float(acc.std()) if envs > 1 else 0.0,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hosts", default="impaired,baseline")
+    parser.add_argument("--envs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    rows = [run(h, args.envs, args.epochs, args.seed, args.device) for h in args.hosts.split(",")]
+    for r in rows:
+        print(f"{r['host']:>10}  params {r['params']:>7}  val acc {r['val_acc_mean']:.1f} ± {r['val_acc_std']:.1f}  ({r['seconds']:.0f} s)")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

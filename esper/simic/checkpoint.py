@@ -1,0 +1,78 @@
+"""PPO checkpoints: one file, written atomically, validated on load with errors naming the file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_VERSION = 1
+REQUIRED_KEYS: tuple[str, ...] = (
+    "version",
+    "round",
+    "config",
+    "policy_shape",
+    "modules",
+    "optimizer",
+    "obs_norm",
+    "env_episode",
+    "rng",
+    "history",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, corrupt, or does not match the run it is loaded into."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    p = Path(path)
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{p}: refusing to write a checkpoint without {missing}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and structurally validate a checkpoint (tensors go to the CPU)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{p}: not a readable checkpoint (corrupt or truncated?): {err}") from err
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{p}: expected a checkpoint dict, found {type(payload).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{p}: not an Esper PPO checkpoint (missing {missing})")
+    if payload["version"] != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{p}: checkpoint version {payload['version']}, this build reads {CHECKPOINT_VERSION}"
+        )
+    return payload
+
+
+def check_matches(path: str | Path, what: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise naming every field of ``what`` that differs between the checkpoint and this run."""
+    keys = sorted(set(saved) | set(current))
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} != run {current.get(k)!r}" for k in keys
+             if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"{path}: {what} mismatch: " + "; ".join(diffs))

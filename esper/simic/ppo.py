@@ -1,0 +1,344 @@
+"""LSTM-PPO over the batched morphogenetic env with torchrl's ClipPPOLoss and GAE.
+
+One round = one episode of every env (``episode.length`` host epochs, all envs in step), rolled
+out with ``env.rollout`` through a ``TransformedEnv(InitTracker, LSTM primer)``; GAE over the
+whole ``[N, T]`` batch with the recurrent critic in recurrent mode (``shifted=True``); then
+``ppo.epochs`` passes over minibatches of *whole env sequences* (never single steps), each
+loss evaluated in recurrent mode from the sequence start. The episode's last step is treated as
+terminal (the horizon is fixed and the observation carries the epoch), so GAE never bootstraps
+across it.
+
+Hand-written here only what torchrl lacks: the per-head entropy of the factored distribution
+(:class:`FactoredPPOLoss`), value-target normalization inside the critic loss (the hook
+torchrl's MAPPO uses), the whole-sequence minibatching and the round bookkeeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import InteractionType, set_interaction_type
+from torch import nn
+from torchrl.envs import Compose, InitTracker, TransformedEnv
+from torchrl.modules import set_recurrent_mode
+from torchrl.modules.value_norm import RunningValueNorm
+from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives.value import GAE
+
+from esper.leyline import NUM_OPS, Op
+from esper.simic.checkpoint import CHECKPOINT_VERSION, CheckpointError, check_matches, load_checkpoint, save_checkpoint
+from esper.simic.config import TrainingConfig
+from esper.simic.env import MorphogeneticEnv
+from esper.tamiyo.lstm_policy import (
+    HEAD_KEYS,
+    FactoredActionDistribution,
+    PolicyShape,
+    RecurrentPolicy,
+    TamiyoModules,
+)
+from esper.tamiyo.policies import PolicyEnv, register_policy
+
+WAIT_BIAS = 1.0
+
+
+class FactoredPPOLoss(ClipPPOLoss):
+    """ClipPPOLoss with the factored distribution's own per-head entropy and a value normalizer.
+
+    torchrl's composite entropy calls each component's ``entropy()`` independently, which would
+    count heads irrelevant to the op; the factored distribution weights them itself. The critic
+    loss is computed on normalized targets and predictions (``_critic_loss_inputs``, the hook
+    torchrl's MAPPO uses for value normalization); the normalizer is updated once per batch by
+    the trainer, not per minibatch.
+    """
+
+    def __init__(self, *args: Any, value_norm: RunningValueNorm, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.value_norm = value_norm
+
+    def _get_entropy(self, dist: torch.distributions.Distribution, adv_shape: torch.Size) -> Any:
+        if isinstance(dist, FactoredActionDistribution):
+            entropy = dist.entropy()
+            entropy.batch_size = adv_shape
+            return entropy.unsqueeze(-1)
+        return super()._get_entropy(dist, adv_shape)
+
+    def _critic_loss_inputs(
+        self, target_return: torch.Tensor, state_value: torch.Tensor, old_state_value: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        vn = self.value_norm
+        old = vn.normalize(old_state_value) if old_state_value is not None else None
+        return vn.normalize(target_return.detach()), vn.normalize(state_value), old
+
+
+@dataclass(slots=True)
+class RoundStats:
+    """What one round did and learned (host-side floats)."""
+
+    round: int
+    mean_return: float
+    final_val_acc: float
+    fossilized: float
+    op_freq: list[float]
+    accepted: float
+    kl: float
+    clip_fraction: float
+    entropy: dict[str, float]
+    explained_variance: float
+    value_loss: float
+    env_epochs_per_s: float
+    collect_s: float
+    update_s: float
+    reward_components: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        ops = " ".join(f"{o.name[:4].lower()}={f:.2f}" for o, f in zip(Op, self.op_freq, strict=True))
+        ent = " ".join(f"{h}={v:.2f}" for h, v in self.entropy.items())
+        return (
+            f"round {self.round:3d}  return {self.mean_return:+.3f}  acc {self.final_val_acc:5.2f}  "
+            f"fossil {self.fossilized:.2f}  ops[{ops}] ok={self.accepted:.2f}  kl {self.kl:.4f}  "
+            f"clip {self.clip_fraction:.3f}  H[{ent}]  EV {self.explained_variance:+.2f}  "
+            f"{self.env_epochs_per_s:.1f} env-epochs/s"
+        )
+
+
+def policy_shape(cfg: TrainingConfig, env: MorphogeneticEnv) -> PolicyShape:
+    """Network sizes for ``env`` under ``cfg``."""
+    sizes = env.action_spec
+    return PolicyShape(
+        obs_size=env.schema.size,
+        n_slots=int(sizes["slot"].space.n),
+        n_blueprints=int(sizes["blueprint"].space.n),
+        n_tempos=int(sizes["tempo"].space.n),
+        hidden_size=cfg.ppo.hidden_size,
+        lstm_hidden_size=cfg.ppo.lstm_hidden_size,
+    )
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """``1 - Var(target - pred) / Var(target)`` (0 when the target is constant)."""
+    var = target.var()
+    if float(var) <= 1e-12:
+        return 0.0
+    return float(1.0 - (target - pred).var() / var)
+
+
+class PPOTrainer:
+    """Builds the env, the LSTM actor-critic, ClipPPOLoss, GAE and Adam; runs rounds; checkpoints."""
+
+    def __init__(self, cfg: TrainingConfig, env: MorphogeneticEnv | None = None) -> None:
+        self.cfg = cfg
+        p = cfg.ppo
+        torch.manual_seed(cfg.episode.seed)
+        self.base_env = env if env is not None else MorphogeneticEnv(cfg)
+        self.device = self.base_env.device
+        self.shape = policy_shape(cfg, self.base_env)
+        self.value_norm = RunningValueNorm(shape=1, device=self.device)
+        self.modules = TamiyoModules(self.shape, self.value_norm, wait_bias=WAIT_BIAS).to(self.device)
+        self.env = TransformedEnv(self.base_env, Compose(InitTracker(), self.modules.primer()))
+        self.gae = GAE(gamma=p.gamma, lmbda=p.gae_lambda, value_network=self.modules.critic,
+                       shifted=True, deactivate_vmap=True)
+        self.loss = FactoredPPOLoss(
+            self.modules.actor,
+            self.modules.critic,
+            value_norm=self.value_norm,
+            clip_epsilon=p.clip_epsilon,
+            entropy_coeff={f"{h}_entropy": float(p.entropy_coef.get(h, 0.0)) for h in HEAD_KEYS},
+            critic_coeff=p.value_coef,
+            loss_critic_type="l2",
+            normalize_advantage=True,
+            functional=False,
+        )
+        self.params = [q for q in self.modules.parameters() if q.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=p.lr, eps=1e-5)
+        self.shuffle = torch.Generator().manual_seed(cfg.episode.seed + 1)
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+        self._loss_fn: Callable[[TensorDictBase], TensorDictBase] = self.loss
+        if cfg.compile:
+            self._loss_fn = torch.compile(self.loss, dynamic=False)
+
+    # ------------------------------------------------------------------------- data
+    @torch.no_grad()
+    def collect(self) -> TensorDictBase:
+        """One episode of every env, sampled from the current policy: a ``[N, T]`` TensorDict."""
+        with set_interaction_type(InteractionType.RANDOM), set_recurrent_mode(False):
+            batch = self.env.rollout(
+                self.cfg.episode.length, self.modules.actor, auto_reset=True, break_when_any_done=False
+            )
+        # Fixed horizon with the epoch observed: the episode end is terminal for the learner.
+        batch.set(("next", "terminated"), batch.get(("next", "done")).clone())
+        return batch
+
+    @torch.no_grad()
+    def advantages(self, batch: TensorDictBase) -> TensorDictBase:
+        """GAE over whole sequences (recurrent critic, shifted), then fold targets into the norm."""
+        with set_recurrent_mode(True):
+            self.gae(batch)
+        self.value_norm.update(batch.get("value_target"))
+        return batch
+
+    def update(self, batch: TensorDictBase) -> dict[str, Any]:
+        """``ppo.epochs`` passes over minibatches of whole env sequences; returns mean metrics."""
+        p = self.cfg.ppo
+        n = batch.batch_size[0]
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for _ in range(p.epochs):
+            order = torch.randperm(n, generator=self.shuffle).to(self.device)
+            for idx in order.split(p.minibatch_envs):
+                mb = batch[idx]  # [envs, T]: whole sequences, hidden state from their start
+                with set_recurrent_mode(True):
+                    out = self._loss_fn(mb)
+                total = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                nn.utils.clip_grad_norm_(self.params, p.max_grad_norm)
+                self.optimizer.step()
+                logged = {
+                    "kl": out["kl_approx"], "clip_fraction": out["clip_fraction"],
+                    "value_loss": out["loss_critic"],
+                    **{h: out["composite_entropy", f"{h}_entropy"].mean() for h in HEAD_KEYS},
+                }
+                for k, v in logged.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                count += 1
+        return {k: float(v) / count for k, v in sums.items()}
+
+    def train_round(self) -> RoundStats:
+        """Collect, estimate advantages, update; the round counter advances."""
+        t0 = time.perf_counter()
+        batch = self.collect()
+        t1 = time.perf_counter()
+        self.modules.train()
+        self.advantages(batch)
+        ev = explained_variance(batch.get("state_value"), batch.get("value_target"))
+        metrics = self.update(batch)
+        t2 = time.perf_counter()
+        self.round += 1
+        stats = self._stats(batch, metrics, ev, t1 - t0, t2 - t1)
+        self.history.append(asdict(stats))
+        return stats
+
+    def _stats(self, batch: TensorDictBase, m: dict[str, Any], ev: float, tc: float, tu: float) -> RoundStats:
+        nxt = batch.get("next")
+        n, t = batch.batch_size
+        ops = torch.bincount(batch.get("op").reshape(-1), minlength=NUM_OPS).float() / (n * t)
+        comps = nxt.get("reward_components")
+        return RoundStats(
+            round=self.round,
+            mean_return=float(nxt.get("reward").sum(1).mean()),
+            final_val_acc=float(nxt.get(("signals", "val_acc"))[:, -1].mean()),
+            fossilized=float(nxt.get(("tracker", "seeds_fossilized"))[:, -1].float().mean()),
+            op_freq=[float(x) for x in ops],
+            accepted=float(nxt.get(("signals", "action_accepted")).float().mean()),
+            kl=m["kl"],
+            clip_fraction=m["clip_fraction"],
+            entropy={h: m[h] for h in HEAD_KEYS},
+            explained_variance=ev,
+            value_loss=m["value_loss"],
+            env_epochs_per_s=n * t / max(tc, 1e-9),
+            collect_s=tc,
+            update_s=tu,
+            reward_components={k: float(comps.get(k).sum(1).mean()) for k in comps.keys()},
+        )
+
+    def train(self, rounds: int, on_round: Callable[[RoundStats], None] | None = None,
+              save: str | Path | None = None) -> list[RoundStats]:
+        """Run until ``rounds`` rounds are done in total (a resumed run continues its count)."""
+        out = []
+        while self.round < rounds:
+            stats = self.train_round()
+            out.append(stats)
+            if on_round is not None:
+                on_round(stats)
+            if save is not None:
+                self.save(save)
+        return out
+
+    # ------------------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        norm = self.base_env.features.norm
+        return {
+            "version": CHECKPOINT_VERSION,
+            "round": self.round,
+            "config": self.cfg.model_dump(mode="json"),
+            "policy_shape": asdict(self.shape),
+            "modules": self.modules.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "obs_norm": norm.state_dict() if norm is not None else {},
+            "env_episode": self.base_env.kasmina.episode.clone(),
+            "rng": {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state()},
+            "history": list(self.history),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        return save_checkpoint(path, self.state())
+
+    def resume(self, path: str | Path) -> None:
+        """Continue the run stored in ``path`` (same round counter, weights, optimizer, RNG)."""
+        ckpt = load_checkpoint(path)
+        check_matches(path, "policy shape", ckpt["policy_shape"], asdict(self.shape))
+        saved = TrainingConfig.from_dict(ckpt["config"], str(path)).model_dump(mode="json")
+        now = self.cfg.model_dump(mode="json")
+        learn = ("task", "kasmina", "reward", "ppo", "history_length")
+        check_matches(path, "config", {k: saved[k] for k in learn}, {k: now[k] for k in learn})
+        check_matches(path, "env count", {"envs": int(ckpt["env_episode"].numel())}, {"envs": self.base_env.n})
+        self.modules.load_state_dict(ckpt["modules"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        norm = self.base_env.features.norm
+        if norm is not None:
+            norm.load_state_dict(ckpt["obs_norm"])
+        self.base_env.kasmina.episode = ckpt["env_episode"].to(self.device)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.shuffle.set_state(ckpt["rng"]["shuffle"])
+        self.round = int(ckpt["round"])
+        self.history = list(ckpt["history"])
+
+
+# ----------------------------------------------------------------------------- evaluation
+def load_policy(path: str | Path, env: MorphogeneticEnv, deterministic: bool) -> RecurrentPolicy:
+    """A trained actor for ``simic.runner``; the env's observation normalizer takes the
+    checkpoint's statistics and is frozen, so observations match what the policy learned on."""
+    ckpt = load_checkpoint(path)
+    saved = PolicyShape(**ckpt["policy_shape"])
+    current = {"obs_size": env.schema.size, "n_slots": len(env.slots), "n_blueprints": len(env.blueprint_names)}
+    check_matches(path, "env layout", {k: getattr(saved, k) for k in current}, current)
+    norm = env.features.norm
+    if norm is not None:
+        norm.load_state_dict(ckpt["obs_norm"])
+        norm.eval()
+    modules = TamiyoModules(saved, RunningValueNorm(shape=1)).to(env.device)
+    modules.load_state_dict(ckpt["modules"])
+    modules.eval()
+    return RecurrentPolicy(modules, env.n, deterministic=deterministic)
+
+
+def _need_path(arg: str | None, name: str) -> str:
+    if not arg:
+        raise ValueError(f"policy {name!r} needs a checkpoint: {name}=PATH")
+    return arg
+
+
+@register_policy("ppo")
+def _ppo(env: PolicyEnv, cfg: Any, arg: str | None, seed: int) -> RecurrentPolicy:
+    """Trained LSTM policy, greedy (per-head mode, op first)."""
+    try:
+        return load_policy(_need_path(arg, "ppo"), env, deterministic=True)  # type: ignore[arg-type]
+    except CheckpointError as err:
+        raise ValueError(str(err)) from err
+
+
+@register_policy("ppo_sample")
+def _ppo_sample(env: PolicyEnv, cfg: Any, arg: str | None, seed: int) -> RecurrentPolicy:
+    """Trained LSTM policy, sampled actions (seeded from ``seed``)."""
+    torch.manual_seed(seed)
+    try:
+        return load_policy(_need_path(arg, "ppo_sample"), env, deterministic=False)  # type: ignore[arg-type]
+    except CheckpointError as err:
+        raise ValueError(str(err)) from err

@@ -1,0 +1,210 @@
+"""Simic: config validation, rewards, masks vs Kasmina's lifecycle, the torchrl env."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.envs.utils import check_env_specs
+
+from esper.kasmina.gates import GateConfig
+from esper.kasmina.slots import Lifecycle, new_slot_state
+from esper.leyline import NUM_GATES, NUM_STAGES, GateId, Op, SeedStage
+from esper.simic.config import ConfigError, RewardConfig, TrainingConfig
+from esper.simic.env import MorphogeneticEnv, load_config_task
+from esper.simic.rewards import RewardComponents, ShapedReward
+from esper.simic.runner import EpisodeRunner
+from esper.tamiyo.baselines import RandomPolicy
+from esper.tamiyo.masks import action_masks
+
+S = SeedStage
+TINY = {
+    "task": {"train_size": 256, "val_size": 128},
+    "kasmina": {"batch_size": 64, "blueprints": ["norm", "conv_small"], "gates": {"min_training_epochs": 1}},
+    "episode": {"length": 3, "envs": 2},
+    "heuristic": {"warmup_epochs": 1, "plateau_epochs": 1, "blueprints": ["norm", "conv_small"]},
+    "fixed": {"blueprint": "conv_small", "epochs": [0]},
+    "ppo": {"minibatch_envs": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg() -> TrainingConfig:
+    return TrainingConfig.from_dict(TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tiny_cfg: TrainingConfig):
+    return load_config_task(tiny_cfg)
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_round_trip_and_presets(tmp_path) -> None:
+    for name in ("default", "cifar10", "cifar10_deep"):
+        cfg = TrainingConfig.preset(name)
+        assert TrainingConfig.from_dict(cfg.model_dump()) == cfg
+    cfg = TrainingConfig.from_dict(TINY)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    assert TrainingConfig.load(path) == cfg
+    ypath = tmp_path / "c.yaml"
+    ypath.write_text("episode:\n  length: 7\n")
+    assert TrainingConfig.load(ypath).episode.length == 7
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"episode": {"lenght": 3}}, "episode.lenght: unknown key"),
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"reward": {"gamma": 1.5}}, "reward.gamma"),
+        ({"episode": {"envs": 0}}, "episode.envs"),
+        ({"episode": {"length": 3}, "heuristic": {"warmup_epochs": 5}}, "warmup_epochs .* must be below"),
+        ({"kasmina": {"host": "huge"}}, "unknown host"),
+        ({"kasmina": {"slots": ["middle"]}}, "slots"),
+        ({"ppo": {"entropy_coef": {"colour": 0.1}}}, "unknown heads"),
+    ],
+)
+def test_config_rejects(data: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        TrainingConfig.from_dict(data)
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(ConfigError, match="unknown preset"):
+        TrainingConfig.preset("nope")
+
+
+# ----------------------------------------------------------------------------- rewards
+def _signals(n: int = 2, s: int = 3, **over: torch.Tensor) -> TensorDict:
+    base = {
+        "stage": torch.full((n, s), int(S.DORMANT)),
+        "stage_before": torch.full((n, s), int(S.DORMANT)),
+        "alpha": torch.zeros(n, s),
+        "contribution": torch.zeros(n, s),
+        "params_added": torch.zeros(n),
+        "val_acc": torch.full((n,), 80.0),
+    }
+    base.update(over)
+    return TensorDict(base, batch_size=[n])
+
+
+def test_reward_components_on_crafted_signals() -> None:
+    cfg = RewardConfig(contribution=1.0, shaping=0.1, rent=0.5, germinate_cost=0.02, fossilize_bonus=0.3,
+                       terminal=2.0, gamma=0.9)
+    fn = ShapedReward(cfg, host_params=1000.0, device="cpu")
+    stage = torch.tensor([[S.BLENDING, S.DORMANT, S.DORMANT], [S.FOSSILIZED, S.DORMANT, S.DORMANT]])
+    before = torch.tensor([[S.TRAINING, S.DORMANT, S.DORMANT], [S.PROBATIONARY, S.DORMANT, S.DORMANT]])
+    sig = _signals(stage=stage, stage_before=before,
+                   alpha=torch.tensor([[0.5, 0, 0], [1.0, 0, 0]]),
+                   contribution=torch.tensor([[4.0, 9.0, 0], [2.0, 0, 0]]),
+                   params_added=torch.tensor([0.0, 1000.0]))
+    r = fn(sig, torch.tensor([Op.GERMINATE, Op.FOSSILIZE]), torch.tensor([False, True]))
+    assert r.contribution.tolist() == pytest.approx([0.04, 0.0])  # fossilized seeds are not live
+    assert r.shaping.tolist() == pytest.approx([0.9 * 0.3 - 0.2, 0.9 * 0.6 - 0.5])
+    assert r.rent.tolist() == pytest.approx([0.0, -0.5 * torch.log1p(torch.tensor(1.0)).item()])
+    assert r.action_cost.tolist() == pytest.approx([-0.02, -cfg.fossilize_cost])
+    assert r.fossilize.tolist() == pytest.approx([0.0, 0.3])
+    assert r.terminal.tolist() == pytest.approx([0.0, 1.6])
+    parts = sum(v for k, v in r.to_dict().items() if k != "total")
+    assert torch.allclose(r.total, parts)
+
+
+def test_reward_to_dict_is_complete() -> None:
+    z = torch.zeros(2)
+    r = RewardComponents(*[z] * len(dataclasses.fields(RewardComponents)))
+    assert set(r.to_dict()) == {f.name for f in dataclasses.fields(RewardComponents)}
+    assert set(r.to_tensordict().keys()) == set(RewardComponents.names())
+
+
+def test_shaping_is_potential_based() -> None:
+    """Over a whole path the discounted shaping telescopes to gamma^T phi(s_T) - phi(s_0)."""
+    cfg = RewardConfig(gamma=0.9, shaping=1.0)
+    fn = ShapedReward(cfg, 1000.0, "cpu")
+    path = [S.DORMANT, S.GERMINATED, S.TRAINING, S.BLENDING, S.CULLED, S.EMBARGOED]
+    total = 0.0
+    for t, (a, b) in enumerate(itertools.pairwise(path)):
+        sig = _signals(n=1, s=1, stage=torch.tensor([[b]]), stage_before=torch.tensor([[a]]))
+        total += 0.9**t * float(fn(sig, torch.tensor([0]), torch.tensor([False])).shaping[0])
+    assert total == pytest.approx(0.9 ** (len(path) - 1) * float(fn.phi(torch.tensor([[path[-1]]]))[0])
+                                  - float(fn.phi(torch.tensor([[path[0]]]))[0]), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- masks
+def test_masked_actions_are_accepted_by_lifecycle_exhaustively() -> None:
+    """Every stage x every G2/G5 outcome: whatever the mask allows, Lifecycle accepts."""
+    combos = list(itertools.product(range(1, NUM_STAGES), (False, True), (False, True)))
+    n = len(combos)
+    stage = torch.tensor([c[0] for c in combos])
+    gates = torch.zeros(n, NUM_GATES, dtype=torch.bool)
+    gates[:, GateId.G2_BLENDING] = torch.tensor([c[1] for c in combos])
+    gates[:, GateId.G5_FOSSILIZE] = torch.tensor([c[2] for c in combos])
+    masks = action_masks(stage[:, None], gates[:, None, :], num_blueprints=3)
+    lc = Lifecycle(GateConfig(), "cpu")
+    for op in (Op.GERMINATE, Op.ADVANCE, Op.CULL, Op.FOSSILIZE):
+        legal = masks["slot_mask"][:, op, 0]
+        for bp, tempo in itertools.product(range(3), range(3)):
+            slot = new_slot_state(n, "cpu")
+            slot["stage"] = stage.clone()
+            if op is Op.GERMINATE:
+                ok = lc.germinate(slot, legal, torch.full((n,), bp), torch.full((n,), tempo), 3, torch.zeros(n))
+            elif op is Op.ADVANCE:
+                ok = lc.advance(slot, legal, gates)
+            elif op is Op.CULL:
+                ok = lc.cull(slot, legal)
+            else:
+                ok = lc.fossilize(slot, legal, gates[:, GateId.G5_FOSSILIZE])
+            assert torch.equal(ok, legal), (op, stage[legal & ~ok])
+    assert masks["op_mask"][:, Op.WAIT].all()
+
+
+def test_random_legal_actions_are_always_accepted_by_kasmina(tiny_cfg, tiny_task) -> None:
+    env = MorphogeneticEnv(tiny_cfg.updated(episode={"length": 8}), task=tiny_task)
+    policy = RandomPolicy(env.n, seed=5)
+    td = env.reset()
+    for _ in range(8):
+        td = env.step(policy(td))
+        assert td["next", "signals", "action_accepted"].all()
+        td = td["next"]
+
+
+# ----------------------------------------------------------------------------- env
+def test_check_env_specs(tiny_cfg, tiny_task) -> None:
+    env = MorphogeneticEnv(tiny_cfg, task=tiny_task)
+    check_env_specs(env)
+    assert env.observation_spec["observation"].shape == (2, env.schema.size)
+
+
+def test_partial_reset_only_touches_masked_envs(tiny_cfg, tiny_task) -> None:
+    env = MorphogeneticEnv(tiny_cfg, task=tiny_task)
+    td = env.reset()
+    for _ in range(2):
+        td["op"] = torch.zeros(2, dtype=torch.long)
+        for k in ("slot", "blueprint", "tempo"):
+            td[k] = torch.zeros(2, dtype=torch.long)
+        td = env.step(td)["next"]
+    host_before = env.kasmina.state["host"].clone()
+    epoch_before = env.kasmina.epoch.clone()
+    td["_reset"] = torch.tensor([[True], [False]])
+    out = env.reset(td)
+    assert env.kasmina.epoch.tolist() == [0, int(epoch_before[1])]
+    changed = [not torch.equal(v[0], host_before.get(k)[0]) for k, v in env.kasmina.state["host"].items(True, True)]
+    same = [torch.equal(v[1], host_before.get(k)[1]) for k, v in env.kasmina.state["host"].items(True, True)]
+    assert any(changed) and all(same)
+    assert out["tracker", "val_acc_hist"][0].eq(0).all() and out["tracker", "val_acc_hist"][1].ne(0).any()
+    assert not out["done"].any()
+
+
+def test_episode_truncates_and_runner_summarizes(tiny_cfg, tiny_task) -> None:
+    from esper.tamiyo.policies import make_policy
+
+    env = MorphogeneticEnv(tiny_cfg, task=tiny_task)
+    runner = EpisodeRunner(env, make_policy("fixed", env, tiny_cfg))
+    summaries = runner.run(1)
+    assert len(summaries) == 2 and runner.syncs == tiny_cfg.episode.length
+    assert all(s.trajectory.startswith("germinate(conv_small@early)") for s in summaries)
+    assert all(s.params_added > 0 for s in summaries)
