@@ -23,7 +23,10 @@ def _arch(n: int = N, blueprints: tuple[str, ...] | None = None) -> Architecture
 
 
 def _controls(arch: Architecture, state, lc: Lifecycle) -> dict:
-    return {s: lc.controls(state["slots", s], 0.05, 0.05, len(arch.blueprints)) for s in arch.slots}
+    lr = torch.full((arch.n_envs,), 0.05)
+    ctrl = {s: lc.controls(state["slots", s], 0.05, lr, len(arch.blueprints)) for s in arch.slots}
+    ctrl["host"] = {"lr": lr}
+    return ctrl
 
 
 def _randomize_seeds(state) -> None:

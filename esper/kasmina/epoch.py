@@ -7,6 +7,7 @@ TensorDict of per-env signals. Everything stays on the device: no host sync in h
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,6 +25,7 @@ from esper.kasmina.slots import Lifecycle
 from esper.kasmina.state import as_dicts, init_seeds, init_state, where_envs
 from esper.kasmina.step import StepHyper, train_step
 from esper.leyline import CANONICAL_SLOTS, GateId, Op, SeedStage, ordered_slots
+from esper.nissa.profiling import phase
 from esper.tasks import EnvBatchSampler, TaskData
 
 S = SeedStage
@@ -45,6 +47,8 @@ class KasminaConfig:
     gates: GateConfig = field(default_factory=GateConfig)
     compile: bool = False
     compile_mode: str | None = None
+    lr_horizon: int = 0  # epochs of cosine host-lr decay per episode; 0: constant
+    lr_min_frac: float = 0.05
 
 
 class MorphogeneticBatch:
@@ -160,12 +164,25 @@ class MorphogeneticBatch:
         where_envs(mask, fresh.apply(torch.zeros_like), self.state["seed_mom", slot])
 
     # ----------------------------------------------------------------------------- epoch
+    def host_lr(self) -> torch.Tensor:
+        """Per-env host learning rate ``[N]``: cosine decay over ``lr_horizon`` epochs of each
+        env's own episode (constant when the horizon is 0), floored at ``lr_min_frac``."""
+        base = self.cfg.step.host_lr
+        if self.cfg.lr_horizon <= 0:
+            return torch.full((self.n,), base, device=self.device)
+        progress = (self.epoch.float() / self.cfg.lr_horizon).clamp(max=1.0)
+        frac = self.cfg.lr_min_frac + (1 - self.cfg.lr_min_frac) * 0.5 * (1 + torch.cos(math.pi * progress))
+        return base * frac
+
     def controls(self) -> dict[str, dict[str, torch.Tensor]]:
-        step = self.cfg.step
-        return {
-            slot: self.lifecycle.controls(self.state["slots", slot], self.cfg.seed_lr, step.host_lr, len(self.arch.blueprints))
+        """Per-env tensors the step reads: each slot's alpha/isolation/lr/blueprint, host lr."""
+        host_lr = self.host_lr()
+        ctrl = {
+            slot: self.lifecycle.controls(self.state["slots", slot], self.cfg.seed_lr, host_lr, len(self.arch.blueprints))
             for slot in self.arch.slots
         }
+        ctrl["host"] = {"lr": host_lr}
+        return ctrl
 
     def train_epoch(self, capture: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
         """One pass over each env's own permutation of the training set.
@@ -240,10 +257,14 @@ class MorphogeneticBatch:
         self.captured = {}
         stage_before = self._stacked("stage")
         applied = self.apply_actions(actions)
-        train = self.train_epoch(capture)
-        val = self.validate(keep_logits="logits" in capture)
-        blended = self._stacked("alpha") > 0
-        contribution = torch.where(blended, val["val_acc"].unsqueeze(1) - val["val_acc_without"], 0.0)
+        with phase("train"):
+            train = self.train_epoch(capture)
+        # The counterfactual rows ride in the validation pass (shared prefix, no recompute).
+        with phase("validate"):
+            val = self.validate(keep_logits="logits" in capture)
+        with phase("counterfactual"):
+            blended = self._stacked("alpha") > 0
+            contribution = torch.where(blended, val["val_acc"].unsqueeze(1) - val["val_acc_without"], 0.0)
         for k, slot in enumerate(self.arch.slots):
             st = self.state["slots", slot]
             st["contribution_prev"] = st["contribution"]

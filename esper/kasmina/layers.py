@@ -12,9 +12,13 @@ import torch.nn.functional as F
 
 
 def to_grouped(x: torch.Tensor) -> torch.Tensor:
-    """``[N, B, C, H, W]`` -> ``[B, N*C, H, W]``."""
+    """``[N, B, C, H, W]`` -> ``[B, N*C, H, W]`` in channels_last memory (one copy).
+
+    channels_last makes the grouped convolutions ~1.6x faster on the CPU (N=64 step, see
+    bench/RESULTS.md); ``env_view`` stays a free view of it.
+    """
     n, b, c, h, w = x.shape
-    return x.transpose(0, 1).reshape(b, n * c, h, w)
+    return x.permute(1, 3, 4, 0, 2).reshape(b, h, w, n * c).permute(0, 3, 1, 2)
 
 
 def env_view(x: torch.Tensor, n: int) -> torch.Tensor:

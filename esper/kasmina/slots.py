@@ -174,13 +174,13 @@ class Lifecycle:
         alpha = torch.where(self.blended[stage], alpha, torch.zeros_like(alpha))
         slot["alpha"] = alpha
 
-    def controls(self, slot: TensorDict, seed_lr: float, host_lr: float, num_blueprints: int) -> dict[str, torch.Tensor]:
+    def controls(self, slot: TensorDict, seed_lr: float, host_lr: torch.Tensor, num_blueprints: int) -> dict[str, torch.Tensor]:
         """What the training step needs per env: alpha, straight-through, seed lr, blueprint."""
         stage = slot["stage"]
         isolated = self.isolated[stage].float()
         lr = torch.where(
             stage == S.FOSSILIZED,
-            torch.full_like(slot["alpha"], host_lr),
+            host_lr,  # fossilized seeds are host: they train at the host's (scheduled) rate
             self.trainable[stage].float() * seed_lr,
         )
         return {

@@ -84,7 +84,7 @@ def train_step(
     seed_norms = []
     with torch.no_grad():
         for k in host_names:
-            _sgd_(params[k], g_host[k], host_mom[k], torch.full((n,), hp.host_lr, device=y.device), hp)
+            _sgd_(params[k], g_host[k], host_mom[k], ctrl["host"]["lr"], hp)
         for k, v in new_buffers.items():
             buffers[k].copy_(v)
         for slot in arch.slots:

@@ -100,6 +100,12 @@ class GradientDriftDetector:
         self._t = self._t + finite
         return events
 
+    def reset(self, mask: np.ndarray) -> None:
+        """Forget the streams in ``mask`` (a restarted env's fresh host has its own scale)."""
+        if self._m is not None and self._t is not None:
+            self._m = np.where(mask, 0.0, self._m)
+            self._t = np.where(mask, 0.0, self._t)
+
 
 class PerformanceDegradationDetector:
     """Accuracy dropping from its best by more than ``drop`` after ``warmup_epochs`` (per env).
@@ -110,29 +116,34 @@ class PerformanceDegradationDetector:
     def __init__(self, warmup_epochs: int = 5, drop: float = 0.05) -> None:
         self.warmup_epochs, self.drop = warmup_epochs, drop
         self.best: np.ndarray | None = None
-        self._seen = 0
+        self._seen: np.ndarray | None = None
+
+    def reset(self, mask: np.ndarray) -> None:
+        """Restart warm-up and best-so-far for the envs in ``mask`` (new episodes)."""
+        if self.best is not None and self._seen is not None:
+            self.best = np.where(mask, -np.inf, self.best)
+            self._seen = np.where(mask, 0, self._seen)
 
     def update(self, accuracy: float | np.ndarray, epoch: int) -> list[AnomalyEvent]:
         acc, scalar = _as_envs(accuracy)
-        if self.best is None or self.best.shape != acc.shape:
-            self.best, self._seen = np.full_like(acc, -np.inf), 0
-        self._seen += 1
+        if self.best is None or self._seen is None or self.best.shape != acc.shape:
+            self.best, self._seen = np.full_like(acc, -np.inf), np.zeros(acc.shape, dtype=np.int64)
+        self._seen = self._seen + 1
         events = []
-        if self._seen > self.warmup_epochs:
-            fall = self.best - acc
-            for i in np.flatnonzero(np.isfinite(fall) & (fall > self.drop)):
-                sev = SEVERE if fall[i] > 2 * self.drop else WARNING
-                events.append(
-                    _event(
-                        "performance_degradation",
-                        sev,
-                        f"accuracy {acc[i]:.4f} is {fall[i]:.4f} below its best {self.best[i]:.4f}",
-                        -1 if scalar else int(i),
-                        epoch,
-                        accuracy=float(acc[i]),
-                        best=float(self.best[i]),
-                    )
+        fall = np.where(self._seen > self.warmup_epochs, self.best - acc, np.nan)
+        for i in np.flatnonzero(np.isfinite(fall) & (fall > self.drop)):
+            sev = SEVERE if fall[i] > 2 * self.drop else WARNING
+            events.append(
+                _event(
+                    "performance_degradation",
+                    sev,
+                    f"accuracy {acc[i]:.4f} is {fall[i]:.4f} below its best {self.best[i]:.4f}",
+                    -1 if scalar else int(i),
+                    epoch,
+                    accuracy=float(acc[i]),
+                    best=float(self.best[i]),
                 )
+            )
         self.best = np.fmax(self.best, acc)
         return events
 
@@ -289,6 +300,11 @@ class AnomalyMonitor:
         self.policy_drift = policy_drift or GradientDriftDetector()
         self.ratio_bounds = ratio_bounds
         self.lstm_norm_bounds = lstm_norm_bounds
+
+    def reset_envs(self, mask: np.ndarray) -> None:
+        """Per-env detector state starts over for envs whose episode restarted."""
+        self.drift.reset(mask)
+        self.degradation.reset(mask)
 
     def check_epoch(self, snapshot: Mapping[str, np.ndarray], epoch: int) -> list[AnomalyEvent]:
         events = []

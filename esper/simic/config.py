@@ -67,6 +67,10 @@ class KasminaSection(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     max_grad_norm: float = Field(5.0, gt=0.0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="host lr over each episode: constant, or cosine decay to lr_min_frac"
+    )
+    lr_min_frac: float = Field(0.05, ge=0.0, le=1.0)
     gates: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")
@@ -236,6 +240,17 @@ def _format(err: ValidationError) -> str:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
+    # The PPO default of ``python -m esper.train``: a task small enough that 64 envs train a
+    # few rounds in minutes on a 2-core CPU (64 host-epochs per step).
+    "ppo": {
+        "task": {"train_size": 256, "val_size": 128, "image_size": 8},
+        "kasmina": {"batch_size": 64, "val_batch_size": 128,
+                    "blueprints": ["norm", "attention", "conv_small", "conv_light"]},
+        "episode": {"length": 12, "envs": 16},
+        "heuristic": {"warmup_epochs": 2},
+        "ppo": {"lr": 1e-3, "gamma": 0.97, "gae_lambda": 0.9, "epochs": 4, "minibatch_envs": 4,
+                "hidden_size": 64, "lstm_hidden_size": 64, "rounds": 6},
+    },
     "cifar10": {
         "task": {"name": "cifar10", "train_size": None, "val_size": None},
         "kasmina": {"host": "baseline", "batch_size": 128, "val_batch_size": 1000},

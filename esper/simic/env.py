@@ -65,6 +65,8 @@ def kasmina_config(cfg: TrainingConfig) -> KasminaConfig:
                        max_grad_norm=k.max_grad_norm),
         gates=k.gates,
         compile=cfg.compile,
+        lr_horizon=cfg.episode.length if k.lr_schedule == "cosine" else 0,
+        lr_min_frac=k.lr_min_frac,
     )
 
 

@@ -26,6 +26,7 @@ from esper.leyline import (
     TelemetryEvent,
 )
 from esper.nissa import NissaHub, TelemetryConfig, epoch_event, load_profile, materialize
+from esper.nissa.profiling import phase
 from esper.simic.env import ACTION_KEYS, MorphogeneticEnv
 from esper.simic.telemetry import EpochTelemetry
 from esper.tamiyo.heuristic import REASONS, Reason
@@ -138,32 +139,36 @@ class EpisodeRunner:
         self._prev_contribution = np.zeros((n, len(env.slots)))
         while (done_episodes < episodes).any():
             env.capture = self.telemetry.begin_epoch(step)
-            td = self.policy(td)
+            with phase("policy"):
+                td = self.policy(td)
             if "reason" not in td:
                 td.set("reason", torch.full((n,), -1, dtype=torch.long, device=env.device))
             td = env.step(td)
             nxt = td["next"]
-            packet = TensorDict(
-                {
-                    "action": td.select(*ACTION_KEYS, "reason"),
-                    "signals": nxt["signals"],
-                    "tracker": nxt["tracker"].select("plateau_epochs", "seeds_fossilized", "seeds_culled"),
-                    "reward": nxt["reward"].squeeze(-1),
-                    "reward_components": nxt["reward_components"],
-                    "done": nxt["done"].squeeze(-1),
-                    "diag": self.telemetry.diagnostics(nxt["signals"]),
-                },
-                batch_size=[n],
-            )
-            snap = materialize(packet)  # the one device-to-host transfer of this epoch
-            self.syncs += 1
+            with phase("telemetry"):
+                packet = TensorDict(
+                    {
+                        "action": td.select(*ACTION_KEYS, "reason"),
+                        "signals": nxt["signals"],
+                        "tracker": nxt["tracker"].select("plateau_epochs", "seeds_fossilized", "seeds_culled"),
+                        "reward": nxt["reward"].squeeze(-1),
+                        "reward_components": nxt["reward_components"],
+                        "done": nxt["done"].squeeze(-1),
+                        "diag": self.telemetry.diagnostics(nxt["signals"]),
+                    },
+                    batch_size=[n],
+                )
+                snap = materialize(packet)  # the one device-to-host transfer of this epoch
+                self.syncs += 1
             step += 1
-            self._record(snap, track, done_episodes, summaries)
+            with phase("telemetry"):
+                self._record(snap, track, done_episodes, summaries)
             if self.on_epoch is not None:
                 self.on_epoch(step, snap)
             td = step_mdp(td)
             done = snap["done"]
             if done.any():
+                self.telemetry.episode_restarted(done)
                 mask = torch.as_tensor(done, device=env.device)
                 td.set("_reset", mask.unsqueeze(-1))
                 td = env.reset(td)

@@ -30,6 +30,7 @@ from esper.nissa import (
     build_briefs,
     explain_decision,
 )
+from esper.nissa.anomaly import PerformanceDegradationDetector
 from esper.nissa.diagnostics import (
     INPUT_ACTIVATIONS,
     INPUT_GRADS,
@@ -68,7 +69,8 @@ class EpochTelemetry:
         self.batch = batch
         self.escalation = EscalationState(profile)
         self.history = TrainingHistory(profile.history_length)
-        self.monitor = AnomalyMonitor()
+        # Accuracies here are in percent points: a drop of 5 points is a warning, 10 severe.
+        self.monitor = AnomalyMonitor(degradation=PerformanceDegradationDetector(warmup_epochs=5, drop=5.0))
         self.analytics = BlueprintAnalytics()
         self.tracker = DiagnosticTracker(profile)
 
@@ -118,6 +120,10 @@ class EpochTelemetry:
         self.briefs = build_briefs(diag, self.history, epoch, free_slots=free_slots)
         events += [brief.to_event() for brief in self.briefs]
         return events
+
+    def episode_restarted(self, mask: np.ndarray) -> None:
+        """Envs in ``mask`` start fresh hosts: their anomaly baselines start over."""
+        self.monitor.reset_envs(mask)
 
     def explain(self, decision: DecisionEvent, reason: str) -> TelemetryEvent:
         brief = self.briefs[decision.env] if decision.env < len(self.briefs) else None
