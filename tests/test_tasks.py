@@ -21,7 +21,6 @@ from esper.tasks import (
     load_cifar10,
     load_task,
     make_synthetic_task,
-    random_crop_flip,
 )
 
 SMALL = {"train_size": 300, "val_size": 70}
@@ -195,92 +194,67 @@ def test_crop_flip_matches_reference() -> None:
         assert torch.equal(out[0, b], ref)
 
 
-def test_random_crop_flip_varies_and_keeps_range() -> None:
-    g = torch.Generator().manual_seed(0)
-    base = torch.randint(1, 256, (1, 1, 3, 8, 8), dtype=torch.uint8)
-    x = base.expand(4, 64, 3, 8, 8).contiguous()
-    out = random_crop_flip(x, 2, g)
-    assert out.shape == x.shape and out.dtype == torch.uint8
-    flat = out.reshape(256, -1)
-    assert len(torch.unique(flat, dim=0)) > 20  # offsets and flips differ per sample
-    # Some samples are exactly the mirror of the original, some are shifted (zeros padded in).
-    mirrored = (out == base.flip(-1)).all(dim=(-3, -2, -1))
-    assert bool(mirrored.any())
-    assert bool((out == 0).any())
-    assert bool((out == base).all(dim=(-3, -2, -1)).any())
+# ---------------------------------------------------------------- sampler (keyed per env)
 
 
-# ---------------------------------------------------------------- sampler
+def _signatures(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One number per image ([..., C, H, W] + labels [...]) to match images across orders."""
+    return x.flatten(-3).sum(-1) * 1000 + y
+
+
+def _epoch(s: EnvBatchSampler, keys: torch.Tensor, epoch: torch.Tensor | int):
+    """All steps of one keyed epoch, concatenated: x [N, T', C, H, W], y [N, T']."""
+    steps = list(s.epoch(keys, epoch))
+    assert len(steps) == s.steps_per_epoch == len(s)
+    return torch.cat([x for x, _ in steps], 1), torch.cat([y for _, y in steps], 1)
 
 
 def test_sampler_covers_every_example_once(synth: TaskData) -> None:
-    s = EnvBatchSampler(synth, n_envs=3, batch_size=64, seed=1)
+    s = EnvBatchSampler(synth, n_envs=3, batch_size=64)  # 64 does not divide T = 300
     assert s.steps_per_epoch == len(s) == 5 and s.step_sizes() == [64, 64, 64, 64, 44]
-    xs, ys = [], []
-    for x, y in s:
+    steps = list(s.epoch(torch.tensor([1, 2, 3]), 0))
+    assert [y.shape[1] for _, y in steps] == s.step_sizes()
+    for x, y in steps:
         assert x.shape[0] == 3 and x.shape[2:] == (3, 16, 16) and x.dtype == torch.float32
         assert y.shape == x.shape[:2] and y.dtype == torch.int64
-        xs.append(x)
-        ys.append(y)
-    x_all, y_all = torch.cat(xs, 1), torch.cat(ys, 1)
+    x_all, y_all = torch.cat([x for x, _ in steps], 1), torch.cat([y for _, y in steps], 1)
     assert x_all.shape == (3, 300, 3, 16, 16)
     # Every env saw every training image exactly once (match sorted per-image signatures).
-    key = synth.train_x.flatten(1).sum(1) * 1000 + synth.train_y
-    want = torch.sort(key).values
+    want = torch.sort(_signatures(synth.train_x, synth.train_y)).values
     for env in range(3):
-        got = x_all[env].flatten(1).sum(1) * 1000 + y_all[env]
+        got = _signatures(x_all[env], y_all[env])
         torch.testing.assert_close(torch.sort(got).values, want)
     # Envs get different orders.
     assert not torch.equal(y_all[0], y_all[1]) and not torch.equal(y_all[1], y_all[2])
 
 
-def test_sampler_permutation_and_drop_last(synth: TaskData) -> None:
-    s = EnvBatchSampler(synth, n_envs=4, batch_size=64, seed=0)
-    perm = s.new_epoch()
-    assert perm.shape == (4, 300)
-    assert torch.equal(torch.sort(perm, 1).values, torch.arange(300).expand(4, 300))
-    first = perm.clone()
-    assert not torch.equal(s.new_epoch(), first)  # a new epoch reshuffles
+def test_sampler_drop_last(synth: TaskData) -> None:
     d = EnvBatchSampler(synth, n_envs=2, batch_size=64, drop_last=True)
-    sizes = [y.shape[1] for _, y in d]
-    assert sizes == [64] * 4 == d.step_sizes()
+    assert d.steps_per_epoch == len(d) == 4 and d.step_sizes() == [64] * 4
+    x_all, y_all = _epoch(d, torch.tensor([5, 6]), 0)
+    assert x_all.shape[:2] == (2, 256)
+    for env in range(2):  # a shuffle's prefix: no example repeats within the epoch
+        sig = _signatures(x_all[env], y_all[env])
+        assert len(torch.unique(sig)) == 256
 
 
-def test_sampler_reproducible_and_resumable(cifar_dir: Path) -> None:
-    task = load_cifar10(cifar_dir)
-    a = EnvBatchSampler(task, 2, 32, seed=5)
-    b = EnvBatchSampler(task, 2, 32, seed=5)
-    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    state = a.state_dict()
-    epoch_a = list(a)
-    c = EnvBatchSampler(task, 2, 32, seed=99)
-    c.load_state_dict(state)
-    assert c.epoch_count == 1
-    for (xa, ya), (xc, yc) in zip(epoch_a, c, strict=True):
-        assert torch.equal(xa, xc) and torch.equal(ya, yc)
-
-
-def test_sampler_augments_cifar(cifar_dir: Path) -> None:
-    task = load_cifar10(cifar_dir)
-    s = EnvBatchSampler(task, n_envs=2, batch_size=100, seed=0)
-    x, _ = next(iter(s))
-    assert x.shape == (2, 100, 3, 32, 32) and x.dtype == torch.float32
-    lo = (0 - max(CIFAR_MEAN)) / min(CIFAR_STD)
-    hi = (1 - min(CIFAR_MEAN)) / min(CIFAR_STD)
-    assert float(x.min()) >= lo - 1e-4 and float(x.max()) <= hi + 1e-4
-    # Augmented batches differ from the plain normalized images they were drawn from.
-    plain = task.prepare(task.train_x[s._perm[:, :100].reshape(-1)]).view_as(x)
-    assert not torch.equal(x, plain)
-    off = EnvBatchSampler(dataclasses.replace(task, augment=False), 2, 100, seed=0)
-    x2, _ = next(iter(off))
-    torch.testing.assert_close(
-        x2, task.prepare(task.train_x[off._perm[:, :100].reshape(-1)]).view_as(x2)
-    )
+def test_sampler_keyed_epochs_reproduce_and_reshuffle(synth: TaskData) -> None:
+    keys = torch.tensor([7, 8, 9])
+    a = EnvBatchSampler(synth, 3, 64)
+    b = EnvBatchSampler(synth, 3, 64)
+    xa, ya = _epoch(a, keys, 2)
+    xb, yb = _epoch(b, keys, torch.tensor([2, 2, 2]))  # scalar epoch == per-env epochs
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)  # same (keys, epoch): same data
+    xa2, ya2 = _epoch(a, keys, 2)
+    assert torch.equal(xa, xa2) and torch.equal(ya, ya2)  # no hidden state in the sampler
+    x3, _ = _epoch(a, keys, 3)
+    for env in range(3):  # a new epoch reshuffles every env
+        assert not torch.equal(x3[env], xa[env])
 
 
 def test_sampler_keyed_epoch_independent_of_batch(cifar_dir: Path) -> None:
     task = load_cifar10(cifar_dir)
+    assert task.augment
     keys = torch.tensor([11, 22, 33])
     epoch = torch.tensor([0, 4, 1])
     full = EnvBatchSampler(task, 3, 32)
@@ -297,6 +271,56 @@ def test_sampler_keyed_epoch_independent_of_batch(cifar_dir: Path) -> None:
     assert not torch.equal(again[0][1], batched[0][1])
 
 
+def test_sampler_augments_cifar(cifar_dir: Path) -> None:
+    task = load_cifar10(cifar_dir)
+    keys = torch.tensor([3, 4])
+    s = EnvBatchSampler(task, n_envs=2, batch_size=100)
+    x, y = next(iter(s.epoch(keys, 0)))
+    assert x.shape == (2, 100, 3, 32, 32) and x.dtype == torch.float32
+    lo = (0 - max(CIFAR_MEAN)) / min(CIFAR_STD)
+    hi = (1 - min(CIFAR_MEAN)) / min(CIFAR_STD)
+    assert float(x.min()) >= lo - 1e-4 and float(x.max()) <= hi + 1e-4
+    # Augmentation does not change the order: without it, the same keys give the same labels
+    # and the plain normalized training images, which the augmented batch differs from.
+    off = EnvBatchSampler(dataclasses.replace(task, augment=False), 2, 100)
+    x2, y2 = next(iter(off.epoch(keys, 0)))
+    assert torch.equal(y, y2) and not torch.equal(x, x2)
+    want = torch.sort(_signatures(task.prepare(task.train_x), task.train_y)).values
+    for env in range(2):
+        got = _signatures(x2[env], y2[env])
+        torch.testing.assert_close(torch.sort(got).values, want)
+
+
+def test_sampler_crop_flip_varies_per_sample() -> None:
+    # Every training image is the same picture, so the outputs differ only by crop and flip.
+    base = torch.randint(
+        1, 256, (3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    task = TaskData(
+        name="one-image",
+        train_x=base.expand(64, 3, 8, 8).contiguous(),
+        train_y=torch.zeros(64, dtype=torch.int64),
+        val_x=base[None].clone(),
+        val_y=torch.zeros(1, dtype=torch.int64),
+        num_classes=1,
+        augment=True,
+        crop_padding=2,
+    )
+    s = EnvBatchSampler(task, n_envs=4, batch_size=64)
+    x, _ = _epoch(s, torch.tensor([0, 1, 2, 3]), 0)
+    assert x.shape == (4, 64, 3, 8, 8) and x.dtype == torch.float32
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0  # values stay in range
+    plain = task.prepare(base)
+    assert len(torch.unique(x.reshape(256, -1), dim=0)) > 20  # offsets/flips differ per sample
+    # Some samples are the original, some exactly its mirror, some shifted (zeros padded in).
+    assert bool((x == plain).all(dim=(-3, -2, -1)).any())
+    assert bool((x == plain.flip(-1)).all(dim=(-3, -2, -1)).any())
+    assert bool((x == 0).any())
+    for env in range(4):  # and every env gets its own draws
+        assert len(torch.unique(x[env].reshape(64, -1), dim=0)) > 10
+    assert not torch.equal(x[0], x[1])
+
+
 def test_sampler_val_batches_shared(synth: TaskData) -> None:
     s = EnvBatchSampler(synth, 4, 32)
     chunks = list(s.val_batches(32))
@@ -304,12 +328,15 @@ def test_sampler_val_batches_shared(synth: TaskData) -> None:
     assert chunks[0][0].shape == (32, 3, 16, 16)
     assert torch.equal(torch.cat([x for x, _ in chunks]), synth.val_x)
     assert torch.equal(torch.cat([y for _, y in chunks]), synth.val_y)
+    assert [y.shape[0] for _, y in s.val_batches()] == [32, 32, 6]  # default: the train B
 
 
 def test_sampler_rejects_bad_args(synth: TaskData) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="positive"):
         EnvBatchSampler(synth, 0, 32)
+    with pytest.raises(ValueError, match="positive"):
+        EnvBatchSampler(synth, 2, 0)
     with pytest.raises(ValueError, match="drop_last"):
         EnvBatchSampler(synth, 2, 1000, drop_last=True)
-    with pytest.raises(RuntimeError, match="new_epoch"):
-        EnvBatchSampler(synth, 2, 32).batch(0)
+    with pytest.raises(ValueError, match="keys must be"):
+        next(EnvBatchSampler(synth, 2, 32).epoch(torch.tensor([1, 2, 3]), 0))

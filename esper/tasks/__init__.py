@@ -1,6 +1,6 @@
 """Data: the embedded synthetic task, CIFAR-10, and on-device per-env sampling/augmentation."""
 
-from esper.tasks.base import TaskData, crop_flip, random_crop_flip
+from esper.tasks.base import TaskData, crop_flip
 from esper.tasks.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar10, read_cifar_batch
 from esper.tasks.registry import DEFAULT_TASK, TASKS, load_task
 from esper.tasks.sampler import EnvBatchSampler
@@ -17,6 +17,5 @@ __all__ = [
     "load_cifar10",
     "load_task",
     "make_synthetic_task",
-    "random_crop_flip",
     "read_cifar_batch",
 ]

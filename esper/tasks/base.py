@@ -41,17 +41,6 @@ def crop_flip(x: Tensor, padding: int, oy: Tensor, ox: Tensor, flip: Tensor) -> 
     return out.reshape(*lead, c, h, w)
 
 
-def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """`crop_flip` with per-image offsets and flips drawn from `generator`."""
-    lead = x.shape[:-3]
-    span = 2 * padding + 1
-    dev = x.device
-    oy = torch.randint(0, span, lead, generator=generator, device=dev)
-    ox = torch.randint(0, span, lead, generator=generator, device=dev)
-    flip = torch.randint(0, 2, lead, generator=generator, device=dev).bool()
-    return crop_flip(x, padding, oy, ox, flip)
-
-
 @dataclass(frozen=True, eq=False)
 class TaskData:
     """An image-classification task resident on one device.
@@ -141,9 +130,3 @@ class TaskData:
         if self._mean_t is not None and self._std_t is not None:
             out = (out - self._mean_t.to(out.device)) / self._std_t.to(out.device)
         return out
-
-    def augment_batch(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """Training-time augmentation of stored images [..., C, H, W] (identity if disabled)."""
-        if not self.augment:
-            return x
-        return random_crop_flip(x, self.crop_padding, generator)

@@ -1,7 +1,7 @@
 """Per-env minibatches for N host runs at once, drawn on the task's device.
 
-Every env gets its own shuffle of the training set each epoch (one batched argsort of random
-keys, [N, T]); a step is ONE index_select of N*B images, then batched augmentation and
+Every env gets its own shuffle of the training set each epoch (one batched keyed permutation,
+[N, T]); a step is ONE index_select of N*B images, then batched augmentation and
 normalization. There is no Python loop over envs, and nothing leaves the device.
 
 Epoch length: ceil(T / B) steps. When B does not divide T the last step is smaller
@@ -9,16 +9,17 @@ Epoch length: ceil(T / B) steps. When B does not divide T the last step is small
 Set `drop_last=True` for a fixed shape instead (T // B full steps; the leftover T mod B
 examples of each env's shuffle are skipped that epoch), e.g. to avoid a second compiled graph.
 
-Two sources of randomness: iterating the sampler uses its `torch.Generator` (reproducible per
-run, checkpointable with `state_dict`); `epoch(keys, epoch)` uses the counter-based
-`esper.rng`, so env i's order and augmentations depend only on (its key, its epoch) and are the
-same whether it trains alone or inside a batch of N.
+Why the randomness is keyed per env: `epoch(keys, epoch)` draws env i's permutation and its
+crop/flip offsets from the counter-based `esper.rng`, as a pure function of (keys[i], epoch[i]).
+So env i gets exactly the same data whether it trains alone or inside a batch of N (a stateful
+`torch.Generator` shared by the batch would couple every env's stream to the batch's
+composition), and a run resumes from (key, epoch) alone: the sampler holds no RNG state, so
+there is nothing of it to checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,11 +32,10 @@ _AUG_STREAM = 0x7A5D
 
 
 class EnvBatchSampler:
-    """Minibatches [N, B, C, H, W] with an independent order per env, reproducible from a seed.
+    """Minibatches [N, B, C, H, W] with an independent, keyed order per env.
 
-    The RNG is a `torch.Generator` on the task's device. `state_dict` captures it plus the
-    epoch counter; take it between epochs (Esper checkpoints at epoch boundaries) and a
-    restored sampler continues with exactly the same shuffles and augmentations.
+    Stateless apart from its configuration: all randomness comes from the `keys` and `epoch`
+    passed to `epoch`, so there is no sampler state to save or restore.
     """
 
     def __init__(
@@ -44,8 +44,6 @@ class EnvBatchSampler:
         n_envs: int,
         batch_size: int,
         *,
-        seed: int = 0,
-        generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         drop_last: bool = False,
     ) -> None:
@@ -61,14 +59,6 @@ class EnvBatchSampler:
         self.n_envs = n_envs
         self.batch_size = batch_size
         self.drop_last = drop_last
-        if generator is None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(seed))
-        elif generator.device.type != self.device.type:
-            raise ValueError(f"generator is on {generator.device}, task on {self.device}")
-        self.generator = generator
-        self.epoch_count = 0
-        self._perm: Tensor | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -81,23 +71,11 @@ class EnvBatchSampler:
         t, b = self.task.train_size, self.batch_size
         return [min(b, t - i * b) for i in range(self.steps_per_epoch)]
 
-    def new_epoch(self) -> Tensor:
-        """Draw each env's permutation of the training set for a new epoch: [N, T] int64."""
-        keys = torch.randint(
-            0,
-            2**62,
-            (self.n_envs, self.task.train_size),
-            generator=self.generator,
-            device=self.device,
-        )
-        self._perm = torch.argsort(keys, dim=1, stable=True)
-        self.epoch_count += 1
-        return self._perm
+    def __len__(self) -> int:
+        return self.steps_per_epoch
 
     def _gather(self, perm: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """Raw images [N, b, C, H, W] and labels [N, b] of one step, by ONE index_select each."""
-        if not 0 <= step < self.steps_per_epoch:
-            raise IndexError(f"step {step} outside [0, {self.steps_per_epoch})")
         b = self.batch_size
         idx = perm[:, step * b : (step + 1) * b]  # [N, b]
         n, bb = idx.shape
@@ -106,21 +84,12 @@ class EnvBatchSampler:
         y = self.task.train_y.index_select(0, flat).view(n, bb)
         return x, y
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """Step `step` of the current epoch: x [N, B, C, H, W] float32, y [N, B] int64."""
-        if self._perm is None:
-            raise RuntimeError("call new_epoch() (or iterate the sampler) before batch()")
-        x, y = self._gather(self._perm, step)
-        x = self.task.augment_batch(x, self.generator)
-        return self.task.prepare(x), y
-
     def epoch(self, keys: Tensor, epoch: Tensor | int) -> Iterator[tuple[Tensor, Tensor]]:
-        """One epoch with per-env counter-based randomness from `esper.rng`.
+        """One epoch: x [N, b, C, H, W] float32 and y [N, b] int64 per step, in order.
 
         `keys` [N] are the envs' RNG keys and `epoch` ([N] or a scalar) their epoch counters.
         Env i's permutation and crop/flip draws are a pure function of (keys[i], epoch[i]), so
-        an env reproduces its data stream regardless of batch composition. The sampler's own
-        generator is not touched.
+        an env reproduces its data stream regardless of batch composition.
         """
         if keys.shape != (self.n_envs,):
             raise ValueError(f"keys must be [{self.n_envs}], got {tuple(keys.shape)}")
@@ -137,28 +106,9 @@ class EnvBatchSampler:
                 x = crop_flip(x, pad, oy, ox, u[..., 2] < 0.5)
             yield self.task.prepare(x), y
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """One epoch: new permutations, then every step in order."""
-        self.new_epoch()
-        for step in range(self.steps_per_epoch):
-            yield self.batch(step)
-
     def val_batches(self, batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """The shared validation set in order, as (x [B, C, H, W] float32, y [B]) chunks."""
         b = batch_size or self.batch_size
         vx, vy = self.task.val_x, self.task.val_y
         for start in range(0, self.task.val_size, b):
             yield self.task.prepare(vx[start : start + b]), vy[start : start + b]
-
-    def state_dict(self) -> dict[str, Any]:
-        """RNG state and epoch counter, for checkpoints taken between epochs."""
-        return {"generator": self.generator.get_state(), "epoch_count": self.epoch_count}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()`; the next epoch repeats the original run's next epoch."""
-        self.generator.set_state(state["generator"])
-        self.epoch_count = int(state["epoch_count"])
-        self._perm = None
