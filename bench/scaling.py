@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -85,16 +86,13 @@ def machine() -> dict:
         pass
     info = {
         "cpu": cpu,
-        "cores": len(__import__("os").sched_getaffinity(0)),
+        "cores": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    try:
-        info["loadavg"] = list(__import__("os").getloadavg())
-    except OSError:
-        pass
+    info["loadavg"] = list(os.getloadavg())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -12,17 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tensordict import TensorDict
 
 from esper.kasmina.blueprints import BLUEPRINTS
 from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
 from esper.kasmina.gates import GateConfig
-from esper.kasmina.model import forward_eval
 from esper.kasmina.reference import ReferenceHost
 from esper.kasmina.state import as_dicts
 from esper.leyline import Op
-from esper.nissa import DiagnosticTracker, TelemetryConfig, load_profile, materialize
+from esper.nissa import load_profile, materialize
 from esper.tasks import TaskData, load_task
 
 PROFILES = ("minimal", "standard", "diagnostic", "research")
@@ -39,7 +37,9 @@ class Workload:
     host: str = "impaired"
 
     def task(self, device: str = "cpu") -> TaskData:
-        return load_task("synthetic", train_size=self.train_size, val_size=self.val_size, seed=1, device=device)
+        return load_task(
+            "synthetic", train_size=self.train_size, val_size=self.val_size, seed=1, device=device
+        )
 
     def config(self, **kw: object) -> KasminaConfig:
         base = {
@@ -51,7 +51,9 @@ class Workload:
         return KasminaConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def actions(n: int, op: int, blueprints: torch.Tensor | None = None, device: str = "cpu") -> TensorDict:
+def actions(
+    n: int, op: int, blueprints: torch.Tensor | None = None, device: str = "cpu"
+) -> TensorDict:
     """Env i acts on slot ``i % 3`` with blueprint ``blueprints[i]`` (default ``i % 8``)."""
     idx = torch.arange(n, device=device)
     bp = blueprints if blueprints is not None else idx % len(BLUEPRINTS)
@@ -66,7 +68,9 @@ def actions(n: int, op: int, blueprints: torch.Tensor | None = None, device: str
     )
 
 
-def seeded_batch(task: TaskData, n: int, cfg: KasminaConfig, warm_epochs: int = 1) -> MorphogeneticBatch:
+def seeded_batch(
+    task: TaskData, n: int, cfg: KasminaConfig, warm_epochs: int = 1
+) -> MorphogeneticBatch:
     """N envs after germinating a seed in every env (mixed blueprints and slots) and training.
 
     With the default config ``warm_epochs=1`` leaves every seed in TRAINING; a second epoch
@@ -88,7 +92,9 @@ def batched_step(mb: MorphogeneticBatch) -> Callable[[], dict[str, torch.Tensor]
     st = as_dicts(mb.state)
     ctrl = mb.controls()
     step = mb._step_for(frozenset()) if hasattr(mb, "_step_for") else mb._step  # type: ignore[attr-defined]
-    return lambda: step(st["host"], st["buffers"], st["seeds"], st["host_mom"], st["seed_mom"], ctrl, x, y)
+    return lambda: step(
+        st["host"], st["buffers"], st["seeds"], st["host_mom"], st["seed_mom"], ctrl, x, y
+    )
 
 
 def batched_epoch(mb: MorphogeneticBatch) -> Callable[[], TensorDict]:
@@ -113,7 +119,10 @@ class Loop:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         clip = self.mb.cfg.step.max_grad_norm
-        return [h.train_step(o, x[i], y[i], clip) for i, (h, o) in enumerate(zip(self.hosts, self.optimizers, strict=True))]
+        return [
+            h.train_step(o, x[i], y[i], clip)
+            for i, (h, o) in enumerate(zip(self.hosts, self.optimizers, strict=True))
+        ]
 
     def epoch(self) -> list[torch.Tensor]:
         """Every env trains on its own minibatches (same sampler), then validates with counterfactuals."""
@@ -139,57 +148,24 @@ def loop_epoch(mb: MorphogeneticBatch) -> Callable[[], list[torch.Tensor]]:
 def telemetry_epoch(mb: MorphogeneticBatch, profile: str | None) -> Callable[[], dict]:
     """One epoch plus the profile's diagnostics and the single materialization.
 
-    ``profile=None`` is telemetry off: the epoch's signals are still materialized once (the
-    controller needs them), nothing else is computed.
+    Uses the training path's own :class:`esper.simic.telemetry.EpochTelemetry` (captures
+    requested from the step, ``DiagnosticTracker.collect``). ``profile=None`` is telemetry
+    off: the epoch's signals are still materialized once (the controller needs them).
     """
+    from esper.simic.telemetry import EpochTelemetry
+
     wait = actions(mb.n, Op.WAIT, device=str(mb.device))
     if profile is None:
         return lambda: materialize(mb.run_epoch(wait))
-    cfg: TelemetryConfig = load_profile(profile)
-    tracker = DiagnosticTracker(cfg)
-    need = tracker.required_inputs
-    capture = set()
-    if "grads" in need:
-        capture.add("grads")
-    if "activations" in need:
-        capture.add("activations")
-    if "logits" in need:
-        capture.add("logits")
+    tel = EpochTelemetry(load_profile(profile), mb)
 
     def run() -> dict:
-        signals = mb.run_epoch(wait, capture=frozenset(capture))
-        cap = mb.captured
-        host = list(mb.state["host"].values())
-        td = tracker.collect(
-            metrics={k: signals[k] for k in ("train_loss", "val_loss", "val_acc")},
-            grads={k[5:]: v for k, v in cap.items() if k.startswith("grad.")} if "grads" in need else None,
-            logits=cap.get("val_logits"),
-            labels=cap.get("val_labels"),
-            params=host if "params" in need else None,
-            activations=[v for k, v in cap.items() if k.startswith("act.")] if "activations" in need else None,
-            activation_env_dim=1,
-            loss_fn=_val_loss_fn(mb) if "loss_fn" in need else None,
-        )
-        signals["telemetry"] = td
+        capture = tel.begin_epoch(0)
+        signals = mb.run_epoch(wait, capture=capture)
+        signals["telemetry"] = tel.diagnostics(signals)
         return materialize(signals)
 
     return run
-
-
-def _val_loss_fn(mb: MorphogeneticBatch) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """Per-env validation loss ``[N]`` of perturbed host parameters, on the first val chunk."""
-    st = as_dicts(mb.state)
-    names = list(st["host"])
-    ctrl = mb.controls()
-    x, y = next(iter(mb.sampler.val_batches(mb.cfg.val_batch_size)))
-
-    def loss_fn(params: list[torch.Tensor]) -> torch.Tensor:
-        p = dict(zip(names, params, strict=True))
-        logits = forward_eval(mb.arch, p, st["buffers"], st["seeds"], ctrl, x)[0]  # [N, B, K]
-        n, b, k = logits.shape
-        return F.cross_entropy(logits.reshape(n * b, k), y.repeat(n), reduction="none").view(n, b).mean(1)
-
-    return loss_fn
 
 
 # ---------------------------------------------------------------------------- timing
@@ -198,7 +174,9 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], object], repeats: int, device: str | torch.device = "cpu") -> float:
+def median_time(
+    fn: Callable[[], object], repeats: int, device: str | torch.device = "cpu"
+) -> float:
     """Median wall time of ``fn`` over ``repeats`` calls (after the caller's warm-up)."""
     times = []
     for _ in range(repeats):
