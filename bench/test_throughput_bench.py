@@ -2,7 +2,9 @@
 
 ``pytest bench/ --benchmark-only``. For N in {1, 8, 64}: one training step and one full env
 epoch (train + counterfactual validation), both ways, on the same minibatches with the same
-active seeds (env i holds blueprint ``i % 8`` in slot ``i % 3``, in TRAINING). ``extra_info``
+active seeds (env i holds blueprint ``i % 8`` in slot ``i % 3``, in TRAINING). Two batched variants:
+``batched`` computes every blueprint masked (static shapes, the compiled path), ``planned``
+runs each blueprint only for its envs (group-by-blueprint, eager; see RESULTS.md). ``extra_info``
 records ``env_epochs_per_s`` (epoch cases), ``env_steps_per_s`` (step cases) and, on the
 batched case, ``speedup_vs_loop`` (loop time / batched time; the loop case runs first).
 """
@@ -20,6 +22,8 @@ from workloads import (
     batched_step,
     loop_epoch,
     loop_step,
+    planned,
+    planned_epoch,
     seeded_batch,
 )
 
@@ -27,7 +31,7 @@ WORK = Workload()
 SIZES = (1, 8, 64)
 # Rounds per (kind, n): the N=64 loop epoch is seconds per call on a 2-core CPU.
 ROUNDS = {("step", 1): 5, ("step", 8): 3, ("step", 64): 2, ("epoch", 1): 3, ("epoch", 8): 2, ("epoch", 64): 1}
-_BATCHES: dict[tuple[int, str], MorphogeneticBatch] = {}
+_BATCHES: dict[tuple[int, str, bool], MorphogeneticBatch] = {}
 
 
 def _cases() -> list:
@@ -36,15 +40,17 @@ def _cases() -> list:
         marks = [pytest.mark.cuda] if device == "cuda" else []
         for kind in ("step", "epoch"):
             for n in SIZES:
-                for impl in ("loop", "batched"):  # loop first: batched records the ratio
+                for impl in ("loop", "batched", "planned"):  # loop first: the others record the ratio
                     out.append(pytest.param(kind, n, impl, device, marks=marks, id=f"{kind}-{impl}-N{n}-{device}"))
     return out
 
 
-def _batch(n: int, device: str) -> MorphogeneticBatch:
-    if (n, device) not in _BATCHES:
-        _BATCHES[(n, device)] = seeded_batch(WORK.task(device), n, WORK.config())
-    return _BATCHES[(n, device)]
+def _batch(n: int, device: str, impl: str) -> MorphogeneticBatch:
+    key = (n, device, impl == "planned")
+    if key not in _BATCHES:
+        mb = seeded_batch(WORK.task(device), n, WORK.config())
+        _BATCHES[key] = planned(mb) if impl == "planned" else mb
+    return _BATCHES[key]
 
 
 def _timed(fn: Callable[[], object], device: str) -> Callable[[], object]:
@@ -61,9 +67,10 @@ def _timed(fn: Callable[[], object], device: str) -> Callable[[], object]:
 
 @pytest.mark.parametrize(("kind", "n", "impl", "device"), _cases())
 def test_batched_vs_loop(benchmark, results, kind: str, n: int, impl: str, device: str) -> None:
-    mb = _batch(n, device)
-    make = {("step", "batched"): batched_step, ("step", "loop"): loop_step,
-            ("epoch", "batched"): batched_epoch, ("epoch", "loop"): loop_epoch}[(kind, impl)]  # fmt: skip
+    mb = _batch(n, device, impl)
+    make = {("step", "batched"): batched_step, ("step", "loop"): loop_step, ("step", "planned"): batched_step,
+            ("epoch", "batched"): batched_epoch, ("epoch", "loop"): loop_epoch,
+            ("epoch", "planned"): planned_epoch}[(kind, impl)]  # fmt: skip
     fn = _timed(make(mb), device)
     fn()  # warm-up (allocator, first-call dispatch; compile when configured)
     rounds = ROUNDS[(kind, n)] if impl == "loop" else max(ROUNDS[(kind, n)], 2)
@@ -74,5 +81,5 @@ def test_batched_vs_loop(benchmark, results, kind: str, n: int, impl: str, devic
     rate = "env_epochs_per_s" if kind == "epoch" else "env_steps_per_s"
     benchmark.extra_info[rate] = n / mean
     loop = results.get(f"{kind}/loop/{n}/{device}")
-    if impl == "batched" and loop is not None:
+    if impl != "loop" and loop is not None:
         benchmark.extra_info["speedup_vs_loop"] = loop / mean

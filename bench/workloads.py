@@ -68,6 +68,12 @@ def actions(
     )
 
 
+def planned(mb: MorphogeneticBatch) -> MorphogeneticBatch:
+    """Switch ``mb`` to group-by-blueprint, planned from its last signals (as the runner does)."""
+    mb.set_plan(mb.last["stage"].cpu().numpy(), mb.last["blueprint"].cpu().numpy())
+    return mb
+
+
 def seeded_batch(
     task: TaskData, n: int, cfg: KasminaConfig, warm_epochs: int = 1
 ) -> MorphogeneticBatch:
@@ -91,10 +97,24 @@ def batched_step(mb: MorphogeneticBatch) -> Callable[[], dict[str, torch.Tensor]
     x, y = next(iter(mb.sampler.epoch(mb.keys, mb.epoch)))
     st = as_dicts(mb.state)
     ctrl = mb.controls()
-    step = mb._step_for(frozenset()) if hasattr(mb, "_step_for") else mb._step  # type: ignore[attr-defined]
+    step = mb._step_for(frozenset())
     return lambda: step(
-        st["host"], st["buffers"], st["seeds"], st["host_mom"], st["seed_mom"], ctrl, x, y
+        st["host"], st["buffers"], st["seeds"], st["host_mom"], st["seed_mom"], ctrl, x, y,
+        plans=mb._plans,
     )
+
+
+def planned_epoch(mb: MorphogeneticBatch) -> Callable[[], TensorDict]:
+    """An epoch as the runner drives it: run, then plan the next from the signals."""
+    wait = actions(mb.n, Op.WAIT, device=str(mb.device))
+
+    def run() -> TensorDict:
+        signals = mb.run_epoch(wait)
+        mb.set_plan(signals["stage"].cpu().numpy(), signals["blueprint"].cpu().numpy(),
+                    signals["germinated"].cpu().numpy())
+        return signals
+
+    return run
 
 
 def batched_epoch(mb: MorphogeneticBatch) -> Callable[[], TensorDict]:

@@ -46,11 +46,39 @@ def uniform(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return u.view(keys.shape[0], *shape)
 
 
-def normal(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def exact_normal(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """``[N, *shape]`` standard normal draws (Box-Muller), one independent row per key."""
     u = uniform(stream_key(keys, 1), (2, *shape))
     u1 = u[:, 0].clamp_min(1e-7)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u[:, 1])
+
+
+POOL_SIZE = 1 << 22
+_POOLS: dict[torch.device, torch.Tensor] = {}
+
+
+def _normal_pool(device: torch.device) -> torch.Tensor:
+    """A fixed table of normal draws (same values for every run and batch size)."""
+    if device not in _POOLS:
+        _POOLS[device] = exact_normal(torch.tensor([0x5EED], device=device), (POOL_SIZE,))[0]
+    return _POOLS[device]
+
+
+def normal(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``[N, *shape]`` normal draws for weight initialization, one row per key.
+
+    Each row is a window of a fixed 4M-entry normal table at a key-derived offset: one gather
+    instead of a hash per element, which makes re-initializing every blueprint of every slot
+    at every germination cheap. Rows of different keys are effectively independent (windows
+    start at random offsets); use :func:`exact_normal` where that is not enough.
+    """
+    numel = math.prod(shape)
+    if numel > POOL_SIZE // 4:
+        return exact_normal(keys, shape)
+    pool = _normal_pool(keys.device)
+    offset = _lsr(mix64(keys.to(torch.int64) * _GOLDEN + 0x2545F491), 40) % POOL_SIZE
+    idx = (offset.view(-1, 1) + torch.arange(numel, device=keys.device).view(1, -1)) % POOL_SIZE
+    return pool[idx].view(keys.shape[0], *shape)
 
 
 def permutations(keys: torch.Tensor, n: int) -> torch.Tensor:

@@ -108,3 +108,36 @@ def test_partial_reset_touches_only_masked_envs(task) -> None:
     assert batch.state["slots", "mid", "stage"][1] == S.DORMANT
     assert not torch.equal(batch.state["host", "block0.conv"][1], before["host", "block0.conv"][1])
     assert batch.epoch.tolist() == [1, 0, 1]
+
+
+def test_group_by_blueprint_plan_matches_masked_path(task) -> None:
+    """Running each blueprint only for its envs (plan from the per-epoch snapshot) changes
+    nothing: same losses, stages and parameters as computing every blueprint masked."""
+    gates = GateConfig(min_training_epochs=0, grad_ratio_floor=0.0)
+    plan = [
+        ([Op.GERMINATE, Op.GERMINATE, Op.GERMINATE, Op.WAIT], [0, 1, 2, 0], [6, 2, 4, 0]),
+        ([Op.ADVANCE, Op.GERMINATE, Op.WAIT, Op.GERMINATE], [0, 0, 0, 1], [0, 7, 0, 1]),
+        ([Op.WAIT, Op.CULL, Op.ADVANCE, Op.WAIT], [0, 1, 2, 0], [0, 0, 0, 0]),
+        ([Op.WAIT, Op.WAIT, Op.WAIT, Op.ADVANCE], [0, 0, 0, 1], [0, 0, 0, 0]),
+    ]
+    masked = MorphogeneticBatch(task, 4, _cfg(gates=gates), base_seed=5)
+    planned = MorphogeneticBatch(task, 4, _cfg(gates=gates), base_seed=5)
+    for step in plan:
+        actions = _actions(*[list(map(int, v)) for v in step])
+        want = masked.run_epoch(actions)
+        got = planned.run_epoch(actions.clone())
+        torch.testing.assert_close(got["train_loss"], want["train_loss"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["val_acc"], want["val_acc"], rtol=0, atol=1.0)
+        assert torch.equal(got["stage"], want["stage"])
+        planned.set_plan(got["stage"].numpy(), got["blueprint"].numpy(), got["germinated"].numpy())
+    assert planned._plans is not None and sum(len(p) for p in planned._plans.values()) >= 3
+    # Every computing seed's own blueprint parameters agree (unused blueprints are not kept).
+    names = [bp.name for bp in planned.arch.blueprints]
+    for k, slot in enumerate(planned.arch.slots):
+        for i in range(4):
+            if int(got["stage"][i, k]) in (S.TRAINING, S.BLENDING, S.SHADOWING, S.PROBATIONARY, S.FOSSILIZED):
+                bp = names[int(got["blueprint"][i, k])]
+                for key, value in planned.state["seeds", slot, bp].items():
+                    torch.testing.assert_close(value[i], masked.state["seeds", slot, bp, key][i], rtol=1e-3, atol=1e-4)
+    for key, value in planned.state["host"].items():
+        torch.testing.assert_close(value, masked.state["host", key], rtol=1e-3, atol=1e-4)

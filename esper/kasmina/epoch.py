@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
@@ -20,8 +21,8 @@ from esper import rng
 from esper.kasmina.blueprints import get_blueprints
 from esper.kasmina.gates import GateConfig, evaluate_gates
 from esper.kasmina.hosts import host_spec
-from esper.kasmina.model import Architecture, forward_eval
-from esper.kasmina.slots import Lifecycle
+from esper.kasmina.model import Architecture, Plans, forward_eval
+from esper.kasmina.slots import COMPUTING_STAGES, Lifecycle
 from esper.kasmina.state import as_dicts, init_seeds, init_state, where_envs
 from esper.kasmina.step import StepHyper, train_step
 from esper.leyline import CANONICAL_SLOTS, GateId, Op, SeedStage, ordered_slots
@@ -93,6 +94,8 @@ class MorphogeneticBatch:
         self.host_params = float(self.arch.spec.param_count(c, self.num_classes))
         self.last = self._initial_signals()
         self._steps: dict[frozenset[str], Callable[..., dict[str, torch.Tensor]]] = {}
+        self._plans: Plans | None = None
+        self._pending: torch.Tensor | None = None  # [N, S] germinations awaiting re-init
         self.captured: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------- setup
@@ -123,6 +126,49 @@ class MorphogeneticBatch:
             },
             batch_size=[n],
         )
+
+    def set_plan(self, stage: np.ndarray, blueprint: np.ndarray, germinated: np.ndarray | None = None) -> None:
+        """Group-by-blueprint for the next epoch, from a host snapshot of ``stage``/``blueprint``.
+
+        ``[N, S]`` arrays taken at an epoch boundary (the runner's one per-epoch transfer).
+        Each blueprint then runs only for the envs whose seed computes in that slot, instead
+        of every blueprint for every env. Envs that start computing next epoch come from
+        GERMINATED, which is already TRAINING in such a snapshot, so the plan always covers
+        every computing seed; envs that stop (culled, reset) are harmless extra work for an
+        epoch (alpha 0, lr 0). Eager only: under ``torch.compile`` the masked path keeps one
+        graph. A plan serves one epoch; without a new one the next epoch runs masked.
+        ``germinated`` ``[N, S]`` (the snapshot's germinations) lets the seeds germinated under
+        the previous plan be re-initialized per (env, slot) instead of masked over all envs.
+        """
+        if self.cfg.compile:
+            return
+        if germinated is not None and self._pending is not None:
+            self._reinit_listed(germinated)
+            self._pending = None
+        elif self._pending is not None:
+            self._reinit_pending()
+        computing = np.isin(stage, [int(x) for x in COMPUTING_STAGES])
+        plans: Plans = {}
+        for k, slot in enumerate(self.arch.slots):
+            plans[slot] = {}
+            for b, bp in enumerate(self.arch.blueprints):
+                envs = np.flatnonzero(computing[:, k] & (blueprint[:, k] == b))
+                if envs.size and not bp.identity:
+                    plans[slot][bp.name] = torch.as_tensor(envs, dtype=torch.long, device=self.device)
+        self._plans = plans
+
+    def _reinit_listed(self, germinated: np.ndarray) -> None:
+        """Fresh parameters and momentum for the listed (env, slot) germinations only."""
+        for k, slot in enumerate(self.arch.slots):
+            envs = np.flatnonzero(germinated[:, k])
+            if envs.size == 0:
+                continue
+            idx = torch.as_tensor(envs, dtype=torch.long, device=self.device)
+            counts = self.state["slots", slot, "germinations"].index_select(0, idx)
+            fresh = init_seeds(self.arch, self.keys.index_select(0, idx), slot, counts)
+            for key, value in fresh.items(include_nested=True, leaves_only=True):
+                self.state["seeds", slot].get(key).index_copy_(0, idx, value)
+                self.state["seed_mom", slot].get(key).index_fill_(0, idx, 0.0)
 
     def reset_envs(self, mask: torch.Tensor) -> None:
         """Fresh hosts (new per-env keys) for envs in ``mask``; the others continue untouched."""
@@ -155,8 +201,23 @@ class MorphogeneticBatch:
             c = self.lifecycle.cull(st, (op == Op.CULL) & here)
             accepted = accepted | g | a | f | c
             germinated.append(g)
-            self._reinit_seeds(slot, g)
-        return {"accepted": accepted, "germinated": torch.stack(germinated, dim=1)}
+        fresh = torch.stack(germinated, dim=1)
+        if self._plans is None:
+            self._reinit_pending(fresh)
+        else:
+            # A germinated seed first computes next epoch: set_plan re-initializes just those
+            # (env, slot) pairs from the snapshot; until then they wait here.
+            self._pending = fresh if self._pending is None else self._pending | fresh
+        return {"accepted": accepted, "germinated": fresh}
+
+    def _reinit_pending(self, fresh: torch.Tensor | None = None) -> None:
+        """Masked re-initialization (every blueprint, all envs) of germinated seeds."""
+        mask = fresh if self._pending is None else (self._pending if fresh is None else self._pending | fresh)
+        self._pending = None
+        if mask is None:
+            return
+        for k, slot in enumerate(self.arch.slots):
+            self._reinit_seeds(slot, mask[:, k])
 
     def _reinit_seeds(self, slot: str, mask: torch.Tensor) -> None:
         fresh = init_seeds(self.arch, self.keys, slot, self.state["slots", slot, "germinations"])
@@ -199,7 +260,8 @@ class MorphogeneticBatch:
         wanted = capture & TRAIN_CAPTURE
         for i, (x, y) in enumerate(self.sampler.epoch(self.keys, self.epoch)):
             step = self._step_for(wanted if i == steps - 1 else frozenset())
-            out = step(st["host"], st["buffers"], st["seeds"], st["host_mom"], st["seed_mom"], ctrl, x, y)
+            out = step(st["host"], st["buffers"], st["seeds"], st["host_mom"], st["seed_mom"], ctrl, x, y,
+                       plans=self._plans)
             seen += y.shape[1]
             for k in ("loss", "correct", "host_grad_norm", "seed_grad_norm"):
                 v = out[k] * y.shape[1] if k == "loss" else out[k]
@@ -228,7 +290,7 @@ class MorphogeneticBatch:
         loss = torch.zeros(self.n, device=self.device)
         kept: list[torch.Tensor] = []
         for x, y in self.sampler.val_batches(self.cfg.val_batch_size):
-            logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x)
+            logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x, self._plans)
             correct += (logits.argmax(dim=-1) == y).sum(dim=-1)
             actual = logits[0]
             loss += F.cross_entropy(actual.reshape(-1, k_cls), y.repeat(self.n), reduction="none").view(self.n, -1).sum(1)
@@ -255,6 +317,8 @@ class MorphogeneticBatch:
         if unknown:
             raise ValueError(f"unknown capture(s) {sorted(unknown)}; allowed: {sorted(CAPTURES)}")
         self.captured = {}
+        if self._plans is None and self._pending is not None:
+            self._reinit_pending()
         stage_before = self._stacked("stage")
         applied = self.apply_actions(actions)
         with phase("train"):
@@ -305,6 +369,7 @@ class MorphogeneticBatch:
             batch_size=[self.n],
         )
         self.last = signals
+        self._plans = None  # a plan serves one epoch
         return signals
 
     # ----------------------------------------------------------------------------- queries

@@ -64,7 +64,8 @@ def batch_norm(
     c = x.shape[1]
     if training:
         mean = x.mean(dim=(0, 2, 3))
-        var = x.var(dim=(0, 2, 3), unbiased=False)
+        # Two passes: ``Tensor.var`` over non-innermost dims is ~30x slower than this on CPU.
+        var = (x - mean.view(1, c, 1, 1)).square().mean(dim=(0, 2, 3))
         count = x.numel() // c
         with torch.no_grad():
             unbiased = var.detach() * (count / max(count - 1, 1))

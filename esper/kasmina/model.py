@@ -14,6 +14,7 @@ from esper.kasmina.hosts import HostSpec, host_block, host_head
 Tensors = dict[str, torch.Tensor]
 SeedParams = dict[str, dict[str, Tensors]]  # slot -> blueprint -> name -> [N, ...]
 Controls = dict[str, Tensors]  # slot -> {alpha, isolated, lr, onehot}
+Plans = dict[str, dict[str, torch.Tensor]]  # slot -> blueprint -> env indices whose seed computes
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,31 @@ class Architecture:
         return [s for s in self.slots if self.spec.slot_after[CANONICAL_SLOTS.index(s)] == i]
 
 
+def _grouped_delta(bp: Blueprint, params: Tensors, hv_in: torch.Tensor, envs: torch.Tensor) -> torch.Tensor:
+    """``delta`` of one blueprint for the envs ``envs`` only: ``[B, len(envs), C, H, W]``."""
+    b, _, c, hh, ww = hv_in.shape
+    k = envs.shape[0]
+    x = hv_in.index_select(1, envs).reshape(b, k * c, hh, ww)
+    sub = {name: v.index_select(0, envs) for name, v in params.items()}
+    return bp.delta(sub, x, k).view(b, k, c, hh, ww)
+
+
 def apply_slot(
-    arch: Architecture, h: torch.Tensor, seeds: dict[str, Tensors], ctrl: Tensors
+    arch: Architecture,
+    h: torch.Tensor,
+    seeds: dict[str, Tensors],
+    ctrl: Tensors,
+    plan: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One slot for all envs: seed ``s = h_in + delta(h_in)``, then blend per env.
 
-    Isolated envs (GERMINATED/TRAINING) feed the seed ``h.detach()`` and add it straight-
-    through, so the output value is the host's and the host's gradient is untouched;
-    blended envs output ``h + alpha * (s - h)``.
+    Isolated envs (TRAINING) feed the seed ``h.detach()`` and add it straight-through, so the
+    output value is the host's and the host's gradient is untouched; blended envs output
+    ``h + alpha * (s - h)``.
+
+    Without ``plan`` every blueprint runs for every env, masked by the env's one-hot (static
+    shapes: one compiled graph whatever the stages). With ``plan`` (blueprint name -> indices
+    of the envs whose seed computes, eager only) each blueprint runs just for its envs.
     """
     n = arch.n_envs
     hv = layers.env_view(h, n)
@@ -50,8 +68,12 @@ def apply_slot(
     for b, bp in enumerate(arch.blueprints):
         if bp.identity:
             continue
-        weight = layers.per_env(ctrl["onehot"][:, b], 5, 1)
-        sv = sv + weight * layers.env_view(bp.delta(seeds[bp.name], h_in, n), n)
+        if plan is None:
+            weight = layers.per_env(ctrl["onehot"][:, b], 5, 1)
+            sv = sv + weight * layers.env_view(bp.delta(seeds[bp.name], h_in, n), n)
+        elif bp.name in plan:
+            envs = plan[bp.name]
+            sv = sv.index_add(1, envs, _grouped_delta(bp, seeds[bp.name], hv_in, envs))
     out = esper_kernels.blend(hv, sv, ctrl["alpha"], env_dim=1)
     st_seed = sv * layers.per_env(ctrl["isolated"], 5, 1)
     out = esper_kernels.straight_through(out, st_seed)
@@ -66,6 +88,7 @@ def forward_train(
     ctrl: Controls,
     x: torch.Tensor,
     activations: list[torch.Tensor] | None = None,
+    plans: Plans | None = None,
 ) -> tuple[torch.Tensor, Tensors]:
     """Training forward on per-env batches ``x [N, B, C, H, W]``: logits ``[N, B, K]``.
 
@@ -77,7 +100,7 @@ def forward_train(
     for i in range(arch.spec.num_blocks):
         h = host_block(params, buffers, new_buffers, i, h, training=True)
         for slot in arch.slots_after_block(i):
-            h = apply_slot(arch, h, seeds[slot], ctrl[slot])
+            h = apply_slot(arch, h, seeds[slot], ctrl[slot], plans[slot] if plans is not None else None)
         if activations is not None:
             activations.append(layers.env_view(h.detach(), arch.n_envs))
     return host_head(params, h), new_buffers
@@ -90,6 +113,7 @@ def forward_eval(
     seeds: SeedParams,
     ctrl: Controls,
     x: torch.Tensor,
+    plans: Plans | None = None,
 ) -> torch.Tensor:
     """Validation on one batch ``x [B, C, H, W]`` shared by all envs, with counterfactuals.
 
@@ -104,7 +128,8 @@ def forward_eval(
         h = host_block(params, buffers, unused, i, h, training=False, shared_input=i == 0)
         for slot in arch.slots_after_block(i):
             without = h[:b]
-            h = torch.cat([apply_slot(arch, h, seeds[slot], ctrl[slot]), without], dim=0)
+            plan = plans[slot] if plans is not None else None
+            h = torch.cat([apply_slot(arch, h, seeds[slot], ctrl[slot], plan), without], dim=0)
     logits = host_head(params, h)  # [N, (1+S)*B, K]
     n, _, k = logits.shape
     return logits.view(n, 1 + len(arch.slots), b, k).transpose(0, 1)

@@ -24,8 +24,11 @@ from esper.leyline import (
 
 S = SeedStage
 BLENDED_STAGES = frozenset({S.BLENDING, S.SHADOWING, S.PROBATIONARY, S.FOSSILIZED})
-ISOLATED_STAGES = frozenset({S.GERMINATED, S.TRAINING})
-TRAINABLE_STAGES = frozenset({S.GERMINATED, S.TRAINING, S.BLENDING, S.SHADOWING, S.PROBATIONARY})
+# A GERMINATED seed is allocated this epoch and starts training at the next (G1 is automatic
+# at the epoch boundary), so a seed computes exactly in the stages of COMPUTING_STAGES.
+ISOLATED_STAGES = frozenset({S.TRAINING})
+TRAINABLE_STAGES = frozenset({S.TRAINING, S.BLENDING, S.SHADOWING, S.PROBATIONARY})
+COMPUTING_STAGES = TRAINABLE_STAGES | {S.FOSSILIZED}
 
 
 def new_slot_state(n: int, device: torch.device | str) -> TensorDict:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import esper_kernels
-from esper.kasmina.model import Architecture, Controls, SeedParams, Tensors, forward_train
+from esper.kasmina.model import Architecture, Controls, Plans, SeedParams, Tensors, forward_train
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     capture: frozenset[str] = frozenset(),
+    plans: Plans | None = None,
 ) -> Tensors:
     """Train every env on its own minibatch ``x [N, B, C, H, W]``, ``y [N, B]``, in place.
 
@@ -65,16 +66,18 @@ def train_step(
 
     def loss_fn(p: Tensors, s: SeedParams) -> tuple[torch.Tensor, tuple]:
         acts: list[torch.Tensor] | None = [] if "activations" in capture else None
-        logits, new_buffers = forward_train(arch, p, buffers, s, ctrl, x, acts)
+        logits, new_buffers = forward_train(arch, p, buffers, s, ctrl, x, acts, plans)
         per_sample = F.cross_entropy(logits.reshape(n * b, -1), y.reshape(n * b), reduction="none")
         per_env = per_sample.view(n, b).mean(dim=1)
         correct = (logits.detach().argmax(dim=-1) == y).sum(dim=1)
         # Summing per-env mean losses keeps every env's gradient its own.
         return per_env.sum(), (per_env.detach(), correct, new_buffers, acts or [])
 
+    # With a plan only the planned blueprints run, so only they are differentiated and updated.
+    trained = seeds if plans is None else {slot: {bp: seeds[slot][bp] for bp in plans[slot]} for slot in seeds}
     (g_host, g_seeds), (loss, correct, new_buffers, acts) = torch.func.grad(
         loss_fn, argnums=(0, 1), has_aux=True
-    )(params, seeds)
+    )(params, trained)
     raw_host = g_host
     host_names = list(params)
     stats = esper_kernels.grad_stats(

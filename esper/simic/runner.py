@@ -160,6 +160,8 @@ class EpisodeRunner:
                 )
                 snap = materialize(packet)  # the one device-to-host transfer of this epoch
                 self.syncs += 1
+            # Group-by-blueprint for the next epoch from this snapshot (eager engines only).
+            env.kasmina.set_plan(snap["signals.stage"], snap["signals.blueprint"], snap["signals.germinated"])
             step += 1
             with phase("telemetry"):
                 self._record(snap, track, done_episodes, summaries)
