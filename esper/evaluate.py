@@ -15,6 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
 from esper.simic.cli import add_common_args, build_config, make_hub, telemetry_profile
 from esper.simic.config import ConfigError
 from esper.simic.env import MorphogeneticEnv, load_config_task

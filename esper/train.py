@@ -1,28 +1,68 @@
-"""``python -m esper.train``: run a controller over N batched host-training runs."""
+"""``python -m esper.train``: train the LSTM-PPO controller (default), or run any other
+controller over N batched host-training runs (``--policy heuristic`` etc.)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from esper.simic.checkpoint import CheckpointError
 from esper.simic.cli import add_common_args, build_config, make_hub, telemetry_profile
 from esper.simic.config import ConfigError
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.ppo import PPOTrainer, RoundStats
 from esper.simic.runner import EpisodeRunner, EpisodeSummary
 from esper.tamiyo.policies import POLICIES, make_policy
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m esper.train", description=__doc__)
-    p.add_argument("--policy", default="heuristic", help=f"one of {sorted(POLICIES)} (name or name=ARG)")
+    p.add_argument("--policy", default="ppo",
+                   help=f"'ppo' trains the LSTM policy; or run one of {sorted(POLICIES)} (name or name=ARG)")
+    p.add_argument("--rounds", type=int, help="PPO rounds (one episode of every env each)")
+    p.add_argument("--save", type=Path, help="PPO checkpoint written after every round (default RUN_DIR/ppo.pt)")
+    p.add_argument("--resume", type=Path, help="continue the PPO run stored in this checkpoint")
     add_common_args(p)
     return p
+
+
+def train_ppo(args: argparse.Namespace, console: Console) -> int:
+    """Train with :class:`PPOTrainer`, one progress line per round, checkpoint every round."""
+    if args.preset == "default" and args.config is None:
+        args.preset = "ppo"  # sized to show learning within minutes on a 2-core CPU
+    try:
+        cfg = build_config(args)
+        if args.rounds is not None:
+            cfg = cfg.updated(ppo={"rounds": args.rounds})
+    except (ConfigError, ValueError) as err:
+        console.print(f"[red]configuration error:[/red] {err}")
+        return 2
+    save = args.save or Path(cfg.run_dir) / "ppo.pt"
+    start = time.perf_counter()
+    trainer = PPOTrainer(cfg)
+    if args.resume is not None:
+        try:
+            trainer.resume(args.resume)
+        except (CheckpointError, ConfigError) as err:
+            console.print(f"[red]cannot resume:[/red] {err}")
+            return 2
+        console.print(f"resumed {args.resume} at round {trainer.round}")
+    console.print(f"PPO: {cfg.episode.envs} envs x {cfg.episode.length} epochs per round, "
+                  f"{cfg.ppo.rounds} rounds, compile={cfg.compile}, device={cfg.device}")
+
+    def on_round(stats: RoundStats) -> None:
+        console.print(f"{time.perf_counter() - start:7.1f}s {stats.line()}", highlight=False, markup=False)
+
+    trainer.train(cfg.ppo.rounds, on_round=on_round, save=save)
+    console.print(f"done: {trainer.round} rounds in {time.perf_counter() - start:.1f}s; checkpoint {save}")
+    return 0
 
 
 def summary_table(summaries: list[EpisodeSummary], title: str) -> Table:
@@ -38,6 +78,8 @@ def summary_table(summaries: list[EpisodeSummary], title: str) -> Table:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=200)
+    if args.policy == "ppo":
+        return train_ppo(args, console)
     try:
         cfg = build_config(args)
         profile = telemetry_profile(cfg)

@@ -16,7 +16,12 @@ from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
 from esper.simic.ppo import PPOTrainer
 from esper.simic.runner import EpisodeRunner
-from esper.tamiyo.lstm_policy import HEAD_KEYS, FactoredActionDistribution, PolicyShape, TamiyoModules
+from esper.tamiyo.lstm_policy import (
+    HEAD_KEYS,
+    FactoredActionDistribution,
+    PolicyShape,
+    TamiyoModules,
+)
 from esper.tamiyo.policies import make_policy
 
 
@@ -145,32 +150,36 @@ def test_resume_continues_round_and_state(tmp_path: Path) -> None:
     a = PPOTrainer(cfg)
     a.train_round()
     path = a.save(tmp_path / "ckpt.pt")
+    saved_rng = torch.get_rng_state()
     b = PPOTrainer(cfg)
     b.resume(path)
+    assert torch.equal(torch.get_rng_state(), saved_rng)
     assert b.round == 1 and len(b.history) == 1
     for (k, va), vb in zip(a.modules.state_dict().items(), b.modules.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+    rng = torch.get_rng_state()  # both trainers sample from the global torch RNG
     a.train_round()
+    torch.set_rng_state(rng)
     b.train_round()
     assert a.round == b.round == 2
     for (k, va), vb in zip(a.modules.state_dict().items(), b.modules.state_dict().values(), strict=True):
-        torch.testing.assert_close(va, vb, msg=k)
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
     assert a.history[-1]["mean_return"] == pytest.approx(b.history[-1]["mean_return"], abs=1e-6)
 
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path: Path, trained: tuple[PPOTrainer, TensorDict]) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="bad.pt"):
+    with pytest.raises(CheckpointError, match=r"bad\.pt"):
         load_checkpoint(bad)
     trainer, _ = trained
     good = trainer.save(tmp_path / "good.pt")
     truncated = tmp_path / "trunc.pt"
     truncated.write_bytes(good.read_bytes()[:200])
-    with pytest.raises(CheckpointError, match="trunc.pt"):
+    with pytest.raises(CheckpointError, match=r"trunc\.pt"):
         load_checkpoint(truncated)
     other = PPOTrainer(tiny_config(ppo={"hidden_size": 8, "lstm_hidden_size": 16, "minibatch_envs": 2}))
-    with pytest.raises(CheckpointError, match=r"good.pt.*hidden_size"):
+    with pytest.raises(CheckpointError, match=r"good\.pt.*hidden_size"):
         other.resume(good)
 
 
@@ -190,3 +199,18 @@ def test_modules_shapes() -> None:
     m = TamiyoModules(PolicyShape(10, 3, 2, 3, 8, 8), RunningValueNorm(shape=1))
     assert m.primer() is not None
     assert {k for k in m.actor.dist_sample_keys} == set(HEAD_KEYS)
+
+
+def test_train_cli_trains_saves_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from esper import train
+
+    cfg_path = tmp_path / "tiny.json"
+    cfg_path.write_text(tiny_config(episode={"envs": 2, "length": 3}).model_dump_json())
+    ckpt = tmp_path / "run" / "ppo.pt"
+    assert train.main(["--config", str(cfg_path), "--rounds", "1", "--save", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "round   1" in out and "EV" in out and "wait=" in out and "env-epochs/s" in out
+    assert load_checkpoint(ckpt)["round"] == 1
+    args = ["--config", str(cfg_path), "--rounds", "2", "--save", str(ckpt), "--resume", str(ckpt)]
+    assert train.main(args) == 0
+    assert "resumed" in capsys.readouterr().out and load_checkpoint(ckpt)["round"] == 2

@@ -206,5 +206,5 @@ def test_episode_truncates_and_runner_summarizes(tiny_cfg, tiny_task) -> None:
     runner = EpisodeRunner(env, make_policy("fixed", env, tiny_cfg))
     summaries = runner.run(1)
     assert len(summaries) == 2 and runner.syncs == tiny_cfg.episode.length
-    assert all(s.trajectory.startswith("germinate(conv_small@early)") for s in summaries)
+    assert all(s.trajectory.startswith("germinate(conv_small@late)") for s in summaries)
     assert all(s.params_added > 0 for s in summaries)

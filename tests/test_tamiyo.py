@@ -221,7 +221,12 @@ def test_static_and_fixed_schedule() -> None:
     fixed = FixedSchedulePolicy(blueprint=3, epochs=(5,))
     out = fixed(env_td(signals(epoch=torch.tensor([5, 4, 5, 6]))))
     assert out["op"].tolist() == [Op.GERMINATE, Op.WAIT, Op.GERMINATE, Op.WAIT]
-    assert out["blueprint"].eq(3).all() and out["slot"].eq(0).all()
+    assert out["blueprint"].eq(3).all()
+    germ = out["op"] == Op.GERMINATE
+    assert out["slot"][germ].eq(2).all()  # the deepest (widest) free slot
+    shallow = FixedSchedulePolicy(blueprint=3, epochs=(5,), slot_preference="shallowest")
+    out = shallow(env_td(signals(epoch=torch.tensor([5, 4, 5, 6]))))
+    assert out["slot"][germ].eq(0).all()
 
 
 def test_heuristic_config_is_strict() -> None:

@@ -69,8 +69,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_matches(path: str | Path, what: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise naming every field of ``what`` that differs between the checkpoint and this run."""
+    """Raise naming every (nested, dotted) field of ``what`` that differs between the checkpoint
+    and this run."""
+    saved, current = _flatten(saved), _flatten(current)
     keys = sorted(set(saved) | set(current))
     diffs = [f"{k}: checkpoint {saved.get(k)!r} != run {current.get(k)!r}" for k in keys
              if saved.get(k) != current.get(k)]

@@ -243,13 +243,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The PPO default of ``python -m esper.train``: a task small enough that 64 envs train a
     # few rounds in minutes on a 2-core CPU (64 host-epochs per step).
     "ppo": {
-        "task": {"train_size": 256, "val_size": 128, "image_size": 8},
-        "kasmina": {"batch_size": 64, "val_batch_size": 128,
+        "task": {"train_size": 192, "val_size": 96, "image_size": 8, "num_classes": 4},
+        "kasmina": {"batch_size": 64, "val_batch_size": 96,
                     "blueprints": ["norm", "attention", "conv_small", "conv_light"]},
-        "episode": {"length": 12, "envs": 16},
+        "episode": {"length": 10, "envs": 16},
         "heuristic": {"warmup_epochs": 2},
+        "fixed": {"epochs": [2]},
         "ppo": {"lr": 1e-3, "gamma": 0.97, "gae_lambda": 0.9, "epochs": 4, "minibatch_envs": 4,
-                "hidden_size": 64, "lstm_hidden_size": 64, "rounds": 6},
+                "hidden_size": 64, "lstm_hidden_size": 64, "rounds": 5},
     },
     "cifar10": {
         "task": {"name": "cifar10", "train_size": None, "val_size": None},

@@ -32,7 +32,13 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
 from esper.leyline import NUM_OPS, Op
-from esper.simic.checkpoint import CHECKPOINT_VERSION, CheckpointError, check_matches, load_checkpoint, save_checkpoint
+from esper.simic.checkpoint import (
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    check_matches,
+    load_checkpoint,
+    save_checkpoint,
+)
 from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
 from esper.tamiyo.lstm_policy import (
@@ -245,7 +251,7 @@ class PPOTrainer:
             env_epochs_per_s=n * t / max(tc, 1e-9),
             collect_s=tc,
             update_s=tu,
-            reward_components={k: float(comps.get(k).sum(1).mean()) for k in comps.keys()},
+            reward_components={k: float(comps.get(k).sum(1).mean()) for k in comps.keys()},  # noqa: SIM118 (TensorDict iterates rows)
         )
 
     def train(self, rounds: int, on_round: Callable[[RoundStats], None] | None = None,
@@ -287,8 +293,10 @@ class PPOTrainer:
         saved = TrainingConfig.from_dict(ckpt["config"], str(path)).model_dump(mode="json")
         now = self.cfg.model_dump(mode="json")
         learn = ("task", "kasmina", "reward", "ppo", "history_length")
-        check_matches(path, "config", {k: saved[k] for k in learn}, {k: now[k] for k in learn})
+        for cfg in (saved, now):
+            cfg["ppo"].pop("rounds")  # a resumed run may train for more rounds
         check_matches(path, "env count", {"envs": int(ckpt["env_episode"].numel())}, {"envs": self.base_env.n})
+        check_matches(path, "config", {k: saved[k] for k in learn}, {k: now[k] for k in learn})
         self.modules.load_state_dict(ckpt["modules"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         norm = self.base_env.features.norm

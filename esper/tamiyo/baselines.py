@@ -11,7 +11,7 @@ from tensordict import TensorDictBase
 
 from esper import rng
 from esper.leyline import TEMPOS, Op
-from esper.tamiyo.heuristic import Reason, first_true, pick
+from esper.tamiyo.heuristic import Reason, first_true, pick, preferred_slot
 
 
 def _write(td: TensorDictBase, op: torch.Tensor, slot: torch.Tensor, blueprint: torch.Tensor,
@@ -74,7 +74,9 @@ class FixedSchedulePolicy:
     """Germinate ``blueprint`` at the given epochs into the first free slot; advance and
     fossilize whenever the gates pass (the reference system's fixed growth schedule)."""
 
-    def __init__(self, blueprint: int, epochs: tuple[int, ...], tempo_index: int = 1) -> None:
+    def __init__(
+        self, blueprint: int, epochs: tuple[int, ...], tempo_index: int = 1, slot_preference: str = "deepest"
+    ) -> None:
         if not epochs:
             raise ValueError("the fixed schedule needs at least one germination epoch")
         if not 0 <= tempo_index < len(TEMPOS):
@@ -82,6 +84,7 @@ class FixedSchedulePolicy:
         self.blueprint = blueprint
         self.epochs = tuple(sorted(set(epochs)))
         self.tempo_index = tempo_index
+        self.slot_preference = slot_preference
         self._due: torch.Tensor | None = None
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
@@ -103,7 +106,8 @@ class FixedSchedulePolicy:
         slot = torch.zeros(n, dtype=torch.long, device=dev)
         reason = torch.full((n,), int(Reason.WAIT_SCHEDULE), dtype=torch.long, device=dev)
         for when, where, o, r in (
-            (germ, first_true(slot_mask[:, Op.GERMINATE]), Op.GERMINATE, Reason.GERMINATE_SCHEDULE),
+            (germ, preferred_slot(slot_mask[:, Op.GERMINATE], self.slot_preference), Op.GERMINATE,
+             Reason.GERMINATE_SCHEDULE),
             (adv.any(1), first_true(adv), Op.ADVANCE, Reason.ADVANCE_GATE_PASSED),
             (foss.any(1), first_true(foss), Op.FOSSILIZE, Reason.FOSSILIZE_CONTRIBUTION),
         ):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -21,7 +23,10 @@ class HeuristicConfig(BaseModel):
     blueprints: tuple[str, ...] | None = Field(
         None, description="blueprints to rotate through (None: all but noop)"
     )
-    tempo_index: int = Field(1, ge=0, le=2, description="index into leyline.TEMPOS")
+    tempo_index: int = Field(0, ge=0, le=2, description="index into leyline.TEMPOS")
+    slot_preference: Literal["deepest", "shallowest"] = Field(
+        "deepest", description="which free slot to grow into: deeper slots are wider"
+    )
     cull_penalty: float = Field(1.0, ge=0.0, description="rotation penalty added on a cull")
     penalty_decay: float = Field(0.9, ge=0.0, le=1.0, description="per-epoch penalty decay")
 
@@ -34,3 +39,4 @@ class FixedScheduleConfig(BaseModel):
     blueprint: str = "conv_light"
     epochs: tuple[int, ...] = Field((3,), min_length=1)
     tempo_index: int = Field(1, ge=0, le=2)
+    slot_preference: Literal["deepest", "shallowest"] = "deepest"

@@ -45,6 +45,17 @@ def first_true(mask: torch.Tensor) -> torch.Tensor:
     return mask.long().argmax(dim=-1)
 
 
+def last_true(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True along the last dim (0 where none is True)."""
+    k = mask.shape[-1]
+    return (k - 1 - mask.flip(-1).long().argmax(dim=-1)) * mask.any(dim=-1)
+
+
+def preferred_slot(mask: torch.Tensor, preference: str) -> torch.Tensor:
+    """The free slot to grow into: the deepest (widest) or the shallowest legal one."""
+    return last_true(mask) if preference == "deepest" else first_true(mask)
+
+
 def pick(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``mask[n, index[n]]`` for a ``[N, K]`` tensor."""
     return mask.gather(1, index.unsqueeze(1)).squeeze(1)
@@ -147,7 +158,7 @@ class HeuristicPolicy:
 
         # Lowest priority first; later assignments win.
         choices = (
-            (germ, first_true(free), Op.GERMINATE, Reason.GERMINATE_PLATEAU),
+            (germ, preferred_slot(free, cfg.slot_preference), Op.GERMINATE, Reason.GERMINATE_PLATEAU),
             (advance.any(1), first_true(advance), Op.ADVANCE, Reason.ADVANCE_GATE_PASSED),
             (drop_cull.any(1), first_true(drop_cull), Op.CULL, Reason.CULL_ACC_DROP),
             (weak.any(1), first_true(weak), Op.CULL, Reason.CULL_LOW_CONTRIBUTION),

@@ -32,6 +32,7 @@ from tensordict.nn import (
     ProbabilisticTensorDictSequential,
     TensorDictModule,
     TensorDictSequential,
+    composite_lp_aggregate,
     set_interaction_type,
 )
 from torch import nn
@@ -149,8 +150,6 @@ class FactoredActionDistribution(CompositeDistribution):
         return out
 
     def log_prob(self, sample: TensorDictBase) -> torch.Tensor | TensorDictBase:
-        from tensordict.nn import composite_lp_aggregate
-
         lp = self.log_prob_composite(sample, include_sum=False)
         if composite_lp_aggregate(nowarn=True):
             return sum(lp[f"{h}_log_prob"] for h in HEAD_KEYS)
@@ -238,12 +237,12 @@ class TamiyoModules(nn.Module):
         self.shape = shape
         h, lh = shape.hidden_size, shape.lstm_hidden_size
         self.actor_lstm = LSTMModule(
-            input_size=h, hidden_size=lh, recurrent_backend="auto",
+            input_size=h, hidden_size=lh, recurrent_backend="pad",
             in_keys=["actor_embed", *ACTOR_STATE, "is_init"],
             out_keys=["actor_features", *(("next", k) for k in ACTOR_STATE)],
         )
         self.critic_lstm = LSTMModule(
-            input_size=h, hidden_size=lh, recurrent_backend="auto",
+            input_size=h, hidden_size=lh, recurrent_backend="pad",
             in_keys=["critic_embed", *CRITIC_STATE, "is_init"],
             out_keys=["critic_features", *(("next", k) for k in CRITIC_STATE)],
         )

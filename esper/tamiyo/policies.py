@@ -67,7 +67,7 @@ def _fixed(env: PolicyEnv, cfg: Any, arg: str | None, seed: int) -> FixedSchedul
     name = arg or fixed.blueprint
     if name not in env.blueprint_names:
         raise ValueError(f"fixed schedule blueprint {name!r} not among {list(env.blueprint_names)}")
-    return FixedSchedulePolicy(env.blueprint_names.index(name), fixed.epochs, fixed.tempo_index)
+    return FixedSchedulePolicy(env.blueprint_names.index(name), fixed.epochs, fixed.tempo_index, fixed.slot_preference)
 
 
 @register_policy("heuristic")
