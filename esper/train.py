@@ -46,21 +46,22 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
         return 2
     save = args.save or Path(cfg.run_dir) / "ppo.pt"
     start = time.perf_counter()
-    trainer = PPOTrainer(cfg)
-    if args.resume is not None:
-        try:
-            trainer.resume(args.resume)
-        except (CheckpointError, ConfigError) as err:
-            console.print(f"[red]cannot resume:[/red] {err}")
-            return 2
-        console.print(f"resumed {args.resume} at round {trainer.round}")
-    console.print(f"PPO: {cfg.episode.envs} envs x {cfg.episode.length} epochs per round, "
-                  f"{cfg.ppo.rounds} rounds, compile={cfg.compile}, device={cfg.device}")
+    with make_hub(cfg) as hub:
+        trainer = PPOTrainer(cfg, hub=hub)
+        if args.resume is not None:
+            try:
+                trainer.resume(args.resume)
+            except (CheckpointError, ConfigError) as err:
+                console.print(f"[red]cannot resume:[/red] {err}")
+                return 2
+            console.print(f"resumed {args.resume} at round {trainer.round}")
+        console.print(f"PPO: {cfg.episode.envs} envs x {cfg.episode.length} epochs per round, "
+                      f"{cfg.ppo.rounds} rounds, compile={cfg.compile}, device={cfg.device}")
 
-    def on_round(stats: RoundStats) -> None:
-        console.print(f"{time.perf_counter() - start:7.1f}s {stats.line()}", highlight=False, markup=False)
+        def on_round(stats: RoundStats) -> None:
+            console.print(f"{time.perf_counter() - start:7.1f}s {stats.line()}", highlight=False, markup=False)
 
-    trainer.train(cfg.ppo.rounds, on_round=on_round, save=save)
+        trainer.train(cfg.ppo.rounds, on_round=on_round, save=save)
     console.print(f"done: {trainer.round} rounds in {time.perf_counter() - start:.1f}s; checkpoint {save}")
     return 0
 

@@ -214,3 +214,39 @@ def test_train_cli_trains_saves_and_resumes(tmp_path: Path, capsys: pytest.Captu
     args = ["--config", str(cfg_path), "--rounds", "2", "--save", str(ckpt), "--resume", str(ckpt)]
     assert train.main(args) == 0
     assert "resumed" in capsys.readouterr().out and load_checkpoint(ckpt)["round"] == 2
+
+
+def test_round_reports_to_nissa_with_health_checks() -> None:
+    """Each round emits a PPO_UPDATE event with the anomaly inputs, and the detectors run."""
+    from esper.leyline import EventKind
+    from esper.nissa import NissaHub
+
+    class Collect:
+        def __init__(self) -> None:
+            self.events: list = []
+
+        def emit(self, event: object) -> None:
+            self.events.append(event)
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    sink = Collect()
+    with NissaHub([sink], synchronous=True) as hub:
+        trainer = PPOTrainer(tiny_config(), hub=hub)
+        trainer.monitor.value_collapse.patience = 1  # EV of a fresh critic is ~0: must flag
+        trainer.monitor.value_collapse.threshold = 2.0
+        trainer.train_round()
+    updates = [e for e in sink.events if e.kind is EventKind.PPO_UPDATE]
+    assert len(updates) == 1
+    payload = updates[0].payload
+    for key in ("ratio_max", "ratio_min", "lstm_h_norm", "lstm_c_norm", "grad_norm", "explained_variance"):
+        assert key in payload and payload[key] == payload[key], key  # present and not NaN
+    assert 0 < payload["ratio_min"] <= payload["ratio_max"] < 100
+    assert payload["lstm_h_norm"] > 0, "recurrent state must be carried (primer present)"
+    anomalies = [e for e in sink.events if e.kind is EventKind.ANOMALY]
+    assert any(e.detector == "value_collapse" for e in anomalies)
+    assert trainer.history[-1]["anomalies"]

@@ -31,7 +31,9 @@ from torchrl.modules.value_norm import RunningValueNorm
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
-from esper.leyline import NUM_OPS, Op
+from esper.leyline import NUM_OPS, EventKind, Op, TelemetryEvent
+from esper.nissa import AnomalyMonitor, NissaHub
+from esper.nissa.anomaly import lstm_hidden_stats
 from esper.simic.checkpoint import (
     CHECKPOINT_VERSION,
     CheckpointError,
@@ -42,6 +44,7 @@ from esper.simic.checkpoint import (
 from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
 from esper.tamiyo.lstm_policy import (
+    ACTOR_STATE,
     HEAD_KEYS,
     FactoredActionDistribution,
     PolicyShape,
@@ -101,6 +104,7 @@ class RoundStats:
     collect_s: float
     update_s: float
     reward_components: dict[str, float] = field(default_factory=dict)
+    anomalies: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         ops = " ".join(f"{o.name[:4].lower()}={f:.2f}" for o, f in zip(Op, self.op_freq, strict=True))
@@ -110,6 +114,7 @@ class RoundStats:
             f"fossil {self.fossilized:.2f}  ops[{ops}] ok={self.accepted:.2f}  kl {self.kl:.4f}  "
             f"clip {self.clip_fraction:.3f}  H[{ent}]  EV {self.explained_variance:+.2f}  "
             f"{self.env_epochs_per_s:.1f} env-epochs/s"
+            + ("".join(f"\n    anomaly: {a}" for a in self.anomalies))
         )
 
 
@@ -137,8 +142,12 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
 class PPOTrainer:
     """Builds the env, the LSTM actor-critic, ClipPPOLoss, GAE and Adam; runs rounds; checkpoints."""
 
-    def __init__(self, cfg: TrainingConfig, env: MorphogeneticEnv | None = None) -> None:
+    def __init__(
+        self, cfg: TrainingConfig, env: MorphogeneticEnv | None = None, hub: NissaHub | None = None
+    ) -> None:
         self.cfg = cfg
+        self.hub = hub
+        self.monitor = AnomalyMonitor()  # value collapse, ratio explosion, LSTM health, drift
         p = cfg.ppo
         torch.manual_seed(cfg.episode.seed)
         self.base_env = env if env is not None else MorphogeneticEnv(cfg)
@@ -204,8 +213,9 @@ class PPOTrainer:
                 total = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
-                nn.utils.clip_grad_norm_(self.params, p.max_grad_norm)
+                grad_norm = nn.utils.clip_grad_norm_(self.params, p.max_grad_norm)
                 self.optimizer.step()
+                sums["grad_norm_max"] = torch.maximum(sums.get("grad_norm_max", grad_norm), grad_norm)
                 logged = {
                     "kl": out["kl_approx"], "clip_fraction": out["clip_fraction"],
                     "value_loss": out["loss_critic"],
@@ -214,7 +224,21 @@ class PPOTrainer:
                 for k, v in logged.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
                 count += 1
-        return {k: float(v) / count for k, v in sums.items()}
+        peak = float(sums.pop("grad_norm_max"))
+        return {**{k: float(v) / count for k, v in sums.items()}, "grad_norm_max": peak}
+
+    @torch.no_grad()
+    def health(self, batch: TensorDictBase) -> dict[str, float]:
+        """Post-update importance ratios and the actor's LSTM state, for the anomaly checks."""
+        with set_recurrent_mode(True):
+            log_weight = self.loss._log_weight(batch, batch.batch_size)[0]
+        ratio = log_weight.exp()
+        lstm = lstm_hidden_stats(batch.get(("next", ACTOR_STATE[0]))[:, -1],
+                                 batch.get(("next", ACTOR_STATE[1]))[:, -1], env_dim=0)
+        values = torch.stack([ratio.max(), ratio.min(), lstm["h_norm"].max(), lstm["c_norm"].max(),
+                              lstm["nonfinite"].sum().float()]).tolist()  # one transfer per round
+        return dict(zip(("ratio_max", "ratio_min", "lstm_h_norm", "lstm_c_norm", "lstm_nonfinite"),
+                        values, strict=True))
 
     def train_round(self) -> RoundStats:
         """Collect, estimate advantages, update; the round counter advances."""
@@ -228,7 +252,14 @@ class PPOTrainer:
         t2 = time.perf_counter()
         self.round += 1
         stats = self._stats(batch, metrics, ev, t1 - t0, t2 - t1)
+        checks = {"explained_variance": ev, "grad_norm": metrics["grad_norm_max"], **self.health(batch)}
+        anomalies = self.monitor.check_ppo_update(checks, self.round)
+        stats.anomalies = [a.message for a in anomalies]
         self.history.append(asdict(stats))
+        if self.hub is not None:
+            self.hub.emit(TelemetryEvent(kind=EventKind.PPO_UPDATE, epoch=self.round,
+                                         payload={**asdict(stats), **checks}))
+            self.hub.emit_many(anomalies)
         return stats
 
     def _stats(self, batch: TensorDictBase, m: dict[str, Any], ev: float, tc: float, tu: float) -> RoundStats:
