@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
-from esper.simic.cli import add_common_args, build_config, make_hub, telemetry_profile
+from esper.simic.cli import add_common_args, build_config, make_hub, maybe_trace, telemetry_profile
 from esper.simic.config import ConfigError
 from esper.simic.env import MorphogeneticEnv, load_config_task
 from esper.simic.runner import EpisodeRunner, EpisodeSummary
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     task = load_config_task(cfg)
     results: dict[str, dict[str, Any]] = {}
-    with make_hub(cfg) as hub:
+    with make_hub(cfg) as hub, maybe_trace(args.trace, f"evaluate-{cfg.telemetry.profile}"):
         for spec in specs:
             # A fresh env per policy with the same seeds: every policy sees identical hosts.
             env = MorphogeneticEnv(cfg, task=task)

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from esper.simic.checkpoint import CheckpointError
-from esper.simic.cli import add_common_args, build_config, make_hub, telemetry_profile
+from esper.simic.cli import add_common_args, build_config, make_hub, maybe_trace, telemetry_profile
 from esper.simic.config import ConfigError
 from esper.simic.env import MorphogeneticEnv
 from esper.simic.ppo import PPOTrainer, RoundStats
@@ -46,7 +46,7 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
         return 2
     save = args.save or Path(cfg.run_dir) / "ppo.pt"
     start = time.perf_counter()
-    with make_hub(cfg) as hub:
+    with make_hub(cfg) as hub, maybe_trace(args.trace, f"ppo-{cfg.telemetry.profile}"):
         trainer = PPOTrainer(cfg, hub=hub)
         if args.resume is not None:
             try:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     total = cfg.episode.episodes * cfg.episode.length
     start = time.perf_counter()
-    with make_hub(cfg) as hub, Progress(
+    with make_hub(cfg) as hub, maybe_trace(args.trace, f"{args.policy}-{cfg.telemetry.profile}"), Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
     ) as progress:

@@ -59,3 +59,12 @@ def test_evaluate_cli_writes_table_and_json(tiny_config, tmp_path, capsys) -> No
     assert data["results"]["static"]["episodes"] == 2
     assert data["results"]["static"]["params_added"]["mean"] == 0.0
     assert not list(out_json.parent.glob("*.tmp"))
+
+
+def test_trace_has_named_phases(tiny_config, tmp_path) -> None:
+    rc = train.main(["--policy", "heuristic", "--config", str(tiny_config), "--backends", "",
+                     "--telemetry", "standard", "--trace", str(tmp_path / "traces")])
+    assert rc == 0
+    trace = tmp_path / "traces" / "heuristic-standard.trace.json"
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"train", "validate", "counterfactual", "policy", "telemetry"} <= names

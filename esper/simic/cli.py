@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from esper.nissa import (
@@ -13,6 +14,7 @@ from esper.nissa import (
     load_profile_file,
     make_backends,
 )
+from esper.nissa.profiling import trace_run
 from esper.simic.config import TrainingConfig
 
 
@@ -31,6 +33,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="override a profile field (repeatable)")
     p.add_argument("--backends", help="comma-separated: console,jsonl,tensorboard")
     p.add_argument("--run-dir", help="where jsonl/tensorboard output goes")
+    p.add_argument("--trace", type=Path, metavar="DIR",
+                   help="write a torch profiler trace of the run (phases: train, validate, "
+                        "counterfactual, policy, telemetry) to DIR")
 
 
 def build_config(args: argparse.Namespace) -> TrainingConfig:
@@ -70,3 +75,8 @@ def telemetry_profile(cfg: TrainingConfig) -> TelemetryConfig:
 def make_hub(cfg: TrainingConfig) -> NissaHub:
     backends = make_backends(cfg.telemetry.backends, run_dir=cfg.run_dir, verbosity=cfg.telemetry.verbosity)
     return NissaHub(backends)
+
+
+def maybe_trace(directory: Path | None, name: str) -> contextlib.AbstractContextManager[object]:
+    """A profiler trace of the block into ``directory`` (``<name>.trace.json``), or nothing."""
+    return trace_run(directory, name) if directory is not None else contextlib.nullcontext()
