@@ -184,20 +184,23 @@ def test_blueprint_rotation_penalizes_culled() -> None:
     pol = _heuristic(penalty_decay=0.5, cull_penalty=1.0)
     legal = torch.ones(N, len(BPS), dtype=torch.bool)
     first = pol.choose_blueprint(legal)
-    assert first.tolist() == [1] * N  # noop excluded; rotation starts at the pointer
-    pol.pointer = first + 1
-    assert pol.choose_blueprint(legal).tolist() == [2] * N
-    # env 0 culled a conv_small seed: it is skipped while its penalty lasts, and decays.
+    # Default order: capacity first (conv_light), then conv_small, then norm; noop never.
+    assert first.tolist() == [BPS.index("conv_light")] * N
+    pol.pointer = pol.rank[first] + 1
+    assert pol.choose_blueprint(legal).tolist() == [BPS.index("conv_small")] * N
+    # env 0 culled a conv_small seed (CULLED -> EMBARGOED within the epoch): it is skipped
+    # while its penalty lasts, and the penalty decays.
     stage = torch.full((N, NS), int(S.DORMANT))
-    stage[0, 0] = S.CULLED
+    stage[0, 0] = S.EMBARGOED
     before = torch.full((N, NS), int(S.DORMANT))
     before[0, 0] = S.TRAINING
-    bp = torch.full((N, NS), 2)
+    bp = torch.full((N, NS), BPS.index("conv_small"))
     pol._observe(signals(stage=stage, stage_before=before, blueprint=bp), new_tracker(N, NS, H, "cpu"))
-    assert pol.penalty[0, 2] == 1.0 and pol.penalty[1].sum() == 0
-    assert pol.choose_blueprint(legal).tolist() == [3, 2, 2, 2]
+    c = BPS.index("conv_small")
+    assert pol.penalty[0, c] == 1.0 and pol.penalty[1].sum() == 0
+    assert pol.choose_blueprint(legal).tolist() == [BPS.index("norm")] + [c] * (N - 1)
     pol._observe(signals(), new_tracker(N, NS, H, "cpu"))
-    assert pol.penalty[0, 2] == 0.5
+    assert pol.penalty[0, c] == 0.5
     pol.reset(torch.tensor([True, False, False, False]))
     assert pol.penalty[0].sum() == 0 and int(pol.pointer[0]) == 0
 

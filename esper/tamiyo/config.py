@@ -15,7 +15,7 @@ class HeuristicConfig(BaseModel):
     warmup_epochs: int = Field(3, ge=0, description="no germination before this epoch")
     plateau_epochs: int = Field(2, ge=1, description="epochs of plateau before germinating")
     cull_cooldown: int = Field(3, ge=0, description="epochs after a cull before germinating")
-    drop_threshold: float = Field(2.0, ge=0.0, description="cull when val acc fell this much")
+    drop_threshold: float = Field(4.0, ge=0.0, description="cull when val acc fell this much (points; above epoch-to-epoch noise)")
     min_epochs_before_cull: int = Field(2, ge=0, description="epochs in stage before a drop cull")
     fossilize_threshold: float = Field(0.5, description="min contribution to fossilize")
     probation_patience: int = Field(2, ge=0, description="epochs in PROBATIONARY before culling")

@@ -40,6 +40,13 @@ class Reason(IntEnum):
 REASONS: tuple[str, ...] = tuple(r.name.lower() for r in Reason)
 
 
+# Default order the heuristic tries blueprints in: capacity first (the reference system's
+# best performer), then cheaper or riskier ones.
+DEFAULT_ROTATION: tuple[str, ...] = (
+    "conv_light", "attention", "depthwise", "bottleneck", "conv_small", "conv_heavy", "norm",
+)
+
+
 def first_true(mask: torch.Tensor) -> torch.Tensor:
     """Index of the first True along the last dim (0 where none is True)."""
     return mask.long().argmax(dim=-1)
@@ -75,11 +82,18 @@ class HeuristicPolicy:
         self.blueprints = blueprints
         self.n = n_envs
         self.device = torch.device(device)
-        names = cfg.blueprints if cfg.blueprints is not None else tuple(b for b in blueprints if b != "noop")
+        if cfg.blueprints is not None:
+            names = tuple(cfg.blueprints)
+        else:  # capacity first, then the cheap ones; anything else Kasmina has goes last
+            names = tuple(b for b in DEFAULT_ROTATION if b in blueprints)
+            names += tuple(b for b in blueprints if b not in names and b != "noop")
         unknown = [b for b in names if b not in blueprints]
         if unknown or not names:
             raise ValueError(f"heuristic blueprints {unknown} not among Kasmina's {list(blueprints)}")
         self.allowed = torch.tensor([b in names for b in blueprints], device=self.device)
+        # Rotation order: position of each Kasmina blueprint in ``names`` (the order tried).
+        order = {b: i for i, b in enumerate(names)}
+        self.rank = torch.tensor([order.get(b, len(names)) for b in blueprints], device=self.device)
         self.live = stage_mask(LIVE_STAGES, self.device)
         self.penalty = torch.zeros(n_envs, len(blueprints), device=self.device)
         self.pointer = torch.zeros(n_envs, dtype=torch.long, device=self.device)
@@ -97,8 +111,7 @@ class HeuristicPolicy:
     def choose_blueprint(self, legal: torch.Tensor) -> torch.Tensor:
         """Rotate through allowed blueprints, skipping recently culled ones (lowest penalty)."""
         b = self.penalty.shape[1]
-        ar = torch.arange(b, device=self.device)
-        rotation = torch.remainder(ar[None, :] - self.pointer[:, None], b).float()
+        rotation = torch.remainder(self.rank[None, :] - self.pointer[:, None], b).float()
         score = self.penalty + 1e-3 * rotation
         ok = legal & self.allowed[None, :]
         return torch.where(ok, score, torch.full_like(score, float("inf"))).argmin(dim=1)
@@ -106,7 +119,8 @@ class HeuristicPolicy:
     def _observe(self, sig: TensorDictBase, tracker: TensorDictBase) -> None:
         """Update penalties and reference accuracies from the last epoch's outcome."""
         stage, before = sig["stage"], sig["stage_before"]
-        culled = (stage == S.CULLED) & (before != S.CULLED)  # [N, S]
+        # A cull moves CULLED -> EMBARGOED within its epoch: count arrivals in EMBARGOED.
+        culled = (stage == S.EMBARGOED) & (before != S.EMBARGOED)  # [N, S]
         hit = torch.zeros_like(self.penalty).scatter_add_(1, sig["blueprint"], culled.float())
         self.penalty = self.penalty * self.cfg.penalty_decay + self.cfg.cull_penalty * hit
         if self.acc_ref is None or self.acc_ref.shape != stage.shape:
@@ -170,7 +184,7 @@ class HeuristicPolicy:
             reason = torch.where(when, int(r), reason)
         # A cull must be legal (live); drop/weak masks are subsets of live, so this holds.
         blueprint = self.choose_blueprint(bp_legal)
-        self.pointer = torch.where(op == Op.GERMINATE, blueprint + 1, self.pointer)
+        self.pointer = torch.where(op == Op.GERMINATE, self.rank[blueprint] + 1, self.pointer)
         tempo = torch.full((n,), cfg.tempo_index, dtype=torch.long, device=dev)
         td.set("op", op)
         td.set("slot", slot)
