@@ -55,6 +55,7 @@ def test_short_eager_run(trained: tuple[PPOTrainer, TensorDict]) -> None:
     assert abs(sum(stats["op_freq"]) - 1.0) < 1e-5
 
 
+@pytest.mark.slow  # minutes from a cold inductor cache; CI runs it in its slow stage
 @pytest.mark.compile
 def test_short_compiled_run() -> None:
     trainer = PPOTrainer(tiny_config(compile=True, episode={"envs": 2, "length": 3},
