@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         row = _run(spec, args.timeout)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    Path(args.out).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    out = Path(args.out)  # write then rename: an interrupted run never leaves half a file
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def test_schema_round_trip_and_index() -> None:
     assert again.names == schema.names
     assert len(set(schema.names)) == schema.size
     assert all(schema.names[i] == n for n, i in schema.index.items())
-    assert schema.names[schema.slot_offset("mid")] == "mid.alpha"
+    assert schema.names[schema.index["mid.alpha"]] == "mid.alpha" and schema.per_slot[0] == "alpha"
     assert "late.blueprint_conv_light" in schema.index
     assert "val_acc_hist_3" in schema.index
 

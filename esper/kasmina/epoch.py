@@ -71,7 +71,9 @@ class MorphogeneticBatch:
         )
         self.blueprint_names = tuple(bp.name for bp in self.arch.blueprints)
         self.lifecycle = Lifecycle(cfg.gates, self.device)
-        self.sampler = EnvBatchSampler(task, n_envs, cfg.batch_size)
+        # Compiled steps keep one shape: a smaller last batch would be a second graph.
+        ragged = task.train_size % cfg.batch_size != 0
+        self.sampler = EnvBatchSampler(task, n_envs, cfg.batch_size, drop_last=cfg.compile and ragged)
         c, h, _ = task.image_shape
         self.in_channels = c
         self.num_classes = task.num_classes

@@ -87,10 +87,6 @@ class ObservationSchema:
     def size(self) -> int:
         return len(self.names)
 
-    def slot_offset(self, slot: str) -> int:
-        """Column of the first feature of ``slot``."""
-        return self.index[f"{slot}.{self.per_slot[0]}"]
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,

@@ -83,10 +83,6 @@ def is_failure_stage(stage: SeedStage | int) -> bool:
     return SeedStage(stage) in FAILURE_STAGES
 
 
-def is_live_stage(stage: SeedStage | int) -> bool:
-    return SeedStage(stage) in LIVE_STAGES
-
-
 def transition_table(device: torch.device | str | None = None) -> torch.Tensor:
     """``[NUM_STAGES, NUM_STAGES]`` bool tensor; ``table[src, dst]`` is True when allowed."""
     table = torch.zeros(NUM_STAGES, NUM_STAGES, dtype=torch.bool)

@@ -36,7 +36,7 @@ from esper.nissa.diagnostics import (
     weight_norms,
 )
 from esper.nissa.hub import Backend, NissaHub
-from esper.nissa.materialize import epoch_event, materialize, split_envs
+from esper.nissa.materialize import epoch_event, materialize
 from esper.nissa.narratives import (
     EnvBrief,
     NarrativeRules,
@@ -88,7 +88,6 @@ __all__ = [
     "materialize",
     "per_class_metrics",
     "phase",
-    "split_envs",
     "trace_run",
     "weight_norms",
 ]

@@ -58,14 +58,6 @@ def materialize(td: TensorDictBase) -> dict[str, np.ndarray]:
     return out
 
 
-def split_envs(snapshot: Mapping[str, np.ndarray], num_envs: int) -> list[dict[str, np.ndarray]]:
-    """Per-env views of a materialized snapshot (leaves whose first dim is ``num_envs``)."""
-    return [
-        {k: v[i] for k, v in snapshot.items() if v.ndim >= 1 and v.shape[0] == num_envs}
-        for i in range(num_envs)
-    ]
-
-
 def epoch_event(snapshot: Mapping[str, np.ndarray], epoch: int, env: int = -1) -> TelemetryEvent:
     """An EPOCH event carrying a materialized snapshot (arrays with a leading env dim)."""
     return TelemetryEvent(kind=EventKind.EPOCH, env=env, epoch=epoch, payload=dict(snapshot))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor
 
 from esper import rng
@@ -44,7 +43,6 @@ class EnvBatchSampler:
         n_envs: int,
         batch_size: int,
         *,
-        device: torch.device | str | None = None,
         drop_last: bool = False,
     ) -> None:
         if n_envs < 1 or batch_size < 1:
@@ -54,8 +52,8 @@ class EnvBatchSampler:
                 f"drop_last with batch_size {batch_size} > train size {task.train_size} "
                 "would give empty epochs"
             )
-        self.task = task.to(device) if device is not None else task
-        self.device = self.task.device
+        self.task = task
+        self.device = task.device
         self.n_envs = n_envs
         self.batch_size = batch_size
         self.drop_last = drop_last
@@ -65,11 +63,6 @@ class EnvBatchSampler:
         """Steps in one epoch: ceil(T / B), or T // B with drop_last."""
         t, b = self.task.train_size, self.batch_size
         return t // b if self.drop_last else -(-t // b)
-
-    def step_sizes(self) -> list[int]:
-        """Per-env batch size of each step of an epoch (only the last can be smaller)."""
-        t, b = self.task.train_size, self.batch_size
-        return [min(b, t - i * b) for i in range(self.steps_per_epoch)]
 
     def __len__(self) -> int:
         return self.steps_per_epoch
