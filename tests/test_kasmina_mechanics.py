@@ -50,6 +50,30 @@ def test_presets_and_errors() -> None:
         get_blueprints(["conv_light", "nope"])
 
 
+def test_shallow_host_stacks_its_slots_after_one_block() -> None:
+    spec = host_spec("shallow")
+    assert spec.num_blocks == 1 and spec.slot_after == (0, 0, 0)
+    assert spec.spatial_after(16) == (8,) and spec.slot_channels("late") == 16
+
+
+def test_weights_start_at_pytorch_default_scale() -> None:
+    """Host and seed convs draw std 1/sqrt(3 fan_in) (PyTorch's default), per-env keyed."""
+    from esper.kasmina.hosts import init_host
+    from esper.kasmina.state import init_seeds
+
+    keys = torch.arange(4)
+    params, _ = init_host(host_spec("baseline"), keys, 3, 10)
+    w = params["block2.conv"]  # [4, 64, 32, 3, 3]
+    assert w.std().item() == pytest.approx((3 * 32 * 9) ** -0.5, rel=0.03)
+    assert not torch.equal(w[0], w[1])
+    again, _ = init_host(host_spec("baseline"), keys[1:2], 3, 10)
+    assert torch.equal(again["block2.conv"][0], w[1])  # env 1 alone draws what it drew in the batch
+    arch = Architecture(host_spec("baseline"), ("early", "mid", "late"), get_blueprints(("conv_heavy",)), 4)
+    seed = init_seeds(arch, keys, "late", torch.zeros(4, dtype=torch.long))["conv_heavy"]
+    assert seed["conv1"].std().item() == pytest.approx((3 * 64 * 9) ** -0.5, rel=0.03)
+    assert seed["scale"].abs().sum() == 0  # the output path still starts at zero
+
+
 def test_registry_has_design_blueprints_with_costs() -> None:
     names = set(BLUEPRINTS)
     assert {"noop", "norm", "attention", "depthwise", "bottleneck", "conv_small", "conv_light", "conv_heavy"} <= names

@@ -33,9 +33,10 @@ def _actions(op: list[int], slot: list[int], blueprint: list[int]) -> TensorDict
     )
 
 
-def _batch(task, plan: list[tuple[list[int], list[int], list[int]]]) -> MorphogeneticBatch:
+def _batch(task, plan: list[tuple[list[int], list[int], list[int]]], host: str = "impaired") -> MorphogeneticBatch:
     """A batch of ``len(plan[0][0])`` envs after running one epoch per plan entry (per-env actions)."""
     cfg = KasminaConfig(
+        host=host,
         batch_size=32,
         val_batch_size=32,
         gates=GateConfig(min_training_epochs=0, grad_ratio_floor=0.0),
@@ -136,3 +137,23 @@ def test_counterfactual_validation_matches(task) -> None:
         torch.testing.assert_close(loss / task.val_size, val["val_loss"][env], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(acc[0], val["val_acc"][env])
         torch.testing.assert_close(acc[1:], val["val_acc_without"][env])
+
+
+def test_stacked_slots_on_the_shallow_host(task) -> None:
+    """All three slots after the shallow host's one block: two blended seeds stacked in env 0,
+    one in env 1. Validation (with every per-slot counterfactual) and a step match the reference."""
+    lt, hv = BP_NAMES.index("conv_light"), BP_NAMES.index("conv_heavy")
+    g, a, w = Op.GERMINATE, Op.ADVANCE, Op.WAIT
+    mb = _batch(task, [([g, g], [0, 2], [lt, hv]), ([g, a], [1, 2], [hv, 0]), ([a, w], [0, 0], [0, 0]),
+                       ([a, w], [1, 0], [0, 0])], host="shallow")
+    assert set(mb.arch.spec.slot_after) == {0}
+    stages = mb._stacked("stage")
+    assert stages[0].tolist() == [S.BLENDING, S.BLENDING, S.DORMANT] and mb._stacked("alpha")[1, 2] > 0
+    val = mb.validate()
+    for env in range(mb.n):
+        ref = ReferenceHost.from_batch(mb, env)
+        _, correct = ref.validate(task.prepare(task.val_x), task.val_y, chunk=mb.cfg.val_batch_size)
+        acc = 100.0 * correct / task.val_size
+        torch.testing.assert_close(acc[0], val["val_acc"][env])
+        torch.testing.assert_close(acc[1:], val["val_acc_without"][env])
+    _check_step(mb)

@@ -54,6 +54,8 @@ def test_config_round_trip_and_presets(tmp_path) -> None:
     ypath = tmp_path / "c.yaml"
     ypath.write_text("episode:\n  length: 7\n")
     assert TrainingConfig.load(ypath).episode.length == 7
+    # The default fixed schedule's later epochs just do not fire in a short episode.
+    assert TrainingConfig.load(ypath).fixed.epochs[-1] >= 7
 
 
 @pytest.mark.parametrize(
@@ -67,6 +69,9 @@ def test_config_round_trip_and_presets(tmp_path) -> None:
         ({"kasmina": {"host": "huge"}}, "unknown host"),
         ({"kasmina": {"slots": ["middle"]}}, "slots"),
         ({"ppo": {"entropy_coef": {"colour": 0.1}}}, "unknown heads"),
+        ({"episode": {"length": 8}, "fixed": {"epochs": [2, 9]}}, r"fixed.epochs \[9\] are not below episode.length \(8\)"),
+        ({"heuristic": {"plateau_epochs": 4}}, r"plateau_epochs \(4\) must be below history_length \(4\)"),
+        ({"heuristic": {"wait_for": "forever"}}, "heuristic.wait_for"),
     ],
 )
 def test_config_rejects(data: dict, match: str) -> None:

@@ -119,11 +119,13 @@ def _heuristic(**cfg: object) -> HeuristicPolicy:
 
 def test_heuristic_germinates_on_plateau_only_after_warmup() -> None:
     tr = new_tracker(N, NS, H, "cpu")
-    tr["plateau_epochs"] = torch.tensor([3, 0, 3, 3])
+    # Per-epoch val acc histories (oldest first): env 1 still climbs 3 points per epoch.
+    tr["val_acc_hist"] = torch.tensor([[40.0, 41.0, 41.5, 42.0], [40.0, 43.0, 46.0, 49.0],
+                                       [40.0, 41.0, 41.5, 42.0], [40.0, 41.0, 41.5, 42.0]])
     epoch = torch.tensor([5, 5, 1, 5])
     stage = torch.full((N, NS), int(S.DORMANT))
-    stage[3, 0] = S.TRAINING  # a live seed
-    out = _heuristic(warmup_epochs=3, plateau_epochs=2)(env_td(signals(epoch=epoch, stage=stage), tr))
+    stage[3, 0] = S.TRAINING  # a seed in isolated training
+    out = _heuristic(warmup_epochs=3, plateau_epochs=2, plateau_delta=1.0)(env_td(signals(epoch=epoch, stage=stage), tr))
     assert out["op"].tolist() == [Op.GERMINATE, Op.WAIT, Op.WAIT, Op.WAIT]
     assert out["reason"].tolist() == [Reason.GERMINATE_PLATEAU, Reason.WAIT_NO_PLATEAU,
                                       Reason.WAIT_WARMUP, Reason.WAIT_SEED_LIVE]
@@ -131,9 +133,38 @@ def test_heuristic_germinates_on_plateau_only_after_warmup() -> None:
     assert len(REASONS) == len(Reason)
 
 
+def test_plateau_is_the_mean_gain_over_a_window() -> None:
+    pol = _heuristic(plateau_epochs=3, plateau_delta=1.0)
+    hist = torch.tensor([[50.0, 52.0, 50.5, 52.5],   # noisy, +0.83/epoch: plateau
+                         [50.0, 50.5, 51.0, 53.5],   # +1.17/epoch: still improving
+                         [60.0, 59.0, 58.0, 57.0],   # falling: plateau
+                         [50.0, 51.0, 52.0, 53.0]])  # exactly +1.0/epoch: not below
+    assert pol.plateaued(hist).tolist() == [True, False, True, False]
+    with pytest.raises(ValueError, match="plateau_epochs \\(4\\) needs a val-acc history longer than 4"):
+        _heuristic(plateau_epochs=4).plateaued(hist)
+
+
+@pytest.mark.parametrize(("wait_for", "germinates"), [
+    ("live", [True, False, False, False]),
+    ("isolated", [True, False, True, True]),
+    ("nothing", [True, True, True, True]),
+])
+def test_wait_for_sets_which_live_seeds_block_germination(wait_for: str, germinates: list[bool]) -> None:
+    tr = new_tracker(N, NS, H, "cpu")
+    tr["val_acc_hist"] = torch.full((N, H), 50.0)  # flat: plateau everywhere
+    stage = torch.full((N, NS), int(S.DORMANT))
+    stage[1, 0] = S.TRAINING  # isolated
+    stage[2, 0] = S.BLENDING
+    stage[3, 0] = S.PROBATIONARY
+    out = _heuristic(wait_for=wait_for)(env_td(signals(stage=stage), tr))
+    assert (out["op"] == Op.GERMINATE).tolist() == germinates
+    blocked = ~torch.tensor(germinates)
+    assert out["reason"][blocked].eq(Reason.WAIT_SEED_LIVE).all()
+
+
 def test_heuristic_respects_cull_cooldown() -> None:
     tr = new_tracker(N, NS, H, "cpu")
-    tr["plateau_epochs"] = torch.full((N,), 5)
+    tr["val_acc_hist"] = torch.full((N, H), 50.0)
     tr["epochs_since_cull"] = torch.tensor([0, 1, 10, 10])
     out = _heuristic(cull_cooldown=3)(env_td(signals(), tr))
     assert out["op"].tolist() == [Op.WAIT, Op.WAIT, Op.GERMINATE, Op.GERMINATE]

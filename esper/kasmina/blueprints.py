@@ -7,14 +7,12 @@ moment it appears. Adding a blueprint is one ``@register_blueprint`` class in th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from esper import rng
 from esper.kasmina import layers
 
 Params = dict[str, torch.Tensor]
@@ -57,8 +55,8 @@ def get_blueprints(names: tuple[str, ...] | list[str] | None = None) -> tuple[Bl
     return tuple(BLUEPRINTS[n] for n in names)
 
 
-def _kaiming(keys: torch.Tensor, stream: int, shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
-    return rng.normal(rng.stream_key(keys, stream), shape) * math.sqrt(2.0 / fan_in)
+def _weight(keys: torch.Tensor, stream: int, shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
+    return layers.init_weight(keys, (stream,), shape, fan_in)
 
 
 def _groups(c: int) -> int:
@@ -124,7 +122,7 @@ def _se_hidden(c: int) -> int:
 def _attention_init(keys: torch.Tensor, c: int) -> Params:
     r = _se_hidden(c)
     return {
-        "w1": _kaiming(keys, 1, (r, c), c),
+        "w1": _weight(keys, 1, (r, c), c),
         "b1": _zeros(keys, r),
         "w2": _zeros(keys, c, r),
         "b2": _zeros(keys, c),
@@ -163,8 +161,8 @@ register_blueprint(
     Blueprint(
         name="depthwise",
         init=lambda keys, c: {
-            "dw": _kaiming(keys, 1, (c, 1, 3, 3), 9),
-            "pw": _kaiming(keys, 2, (c, c, 1, 1), c),
+            "dw": _weight(keys, 1, (c, 1, 3, 3), 9),
+            "pw": _weight(keys, 2, (c, c, 1, 1), c),
             "gn_w": _zeros(keys, c),
             "gn_b": _zeros(keys, c),
         },
@@ -188,8 +186,8 @@ def _bottleneck_delta(p: Params, x: torch.Tensor, n: int) -> torch.Tensor:
 def _bottleneck_init(keys: torch.Tensor, c: int) -> Params:
     r = _bottleneck_width(c)
     return {
-        "reduce": _kaiming(keys, 1, (r, c, 1, 1), c),
-        "mix": _kaiming(keys, 2, (r, r, 3, 3), 9 * r),
+        "reduce": _weight(keys, 1, (r, c, 1, 1), c),
+        "mix": _weight(keys, 2, (r, r, 3, 3), 9 * r),
         "expand": _zeros(keys, c, r, 1, 1),
     }
 
@@ -216,7 +214,7 @@ register_blueprint(
     Blueprint(
         name="conv_small",
         init=lambda keys, c: {
-            "pw": _kaiming(keys, 1, (c, c, 1, 1), c),
+            "pw": _weight(keys, 1, (c, c, 1, 1), c),
             "gn_w": _zeros(keys, c),
             "gn_b": _zeros(keys, c),
         },
@@ -242,7 +240,7 @@ register_blueprint(
     Blueprint(
         name="conv_light",
         init=lambda keys, c: {
-            "conv": _kaiming(keys, 1, (c, c, 3, 3), 9 * c),
+            "conv": _weight(keys, 1, (c, c, 3, 3), 9 * c),
             "gn_w": _ones(keys, c),
             "gn_b": _zeros(keys, c),
             "scale": _zeros(keys, c),
@@ -265,10 +263,10 @@ register_blueprint(
     Blueprint(
         name="conv_heavy",
         init=lambda keys, c: {
-            "conv1": _kaiming(keys, 1, (c, c, 3, 3), 9 * c),
+            "conv1": _weight(keys, 1, (c, c, 3, 3), 9 * c),
             "gn1_w": _ones(keys, c),
             "gn1_b": _zeros(keys, c),
-            "conv2": _kaiming(keys, 2, (c, c, 3, 3), 9 * c),
+            "conv2": _weight(keys, 2, (c, c, 3, 3), 9 * c),
             "gn2_w": _ones(keys, c),
             "gn2_b": _zeros(keys, c),
             "scale": _zeros(keys, c),

@@ -64,6 +64,9 @@ class HostSpec:
 HOST_PRESETS: dict[str, HostSpec] = {
     "minimal": HostSpec("minimal", base_width=2, num_blocks=3, slot_after=(0, 1, 2)),
     "impaired": HostSpec("impaired", base_width=4, num_blocks=3, slot_after=(0, 1, 2)),
+    # One conv block with all three slots stacked after it: short of *depth*, which is what
+    # residual seeds add (the narrow "impaired" host is short of first-layer width instead).
+    "shallow": HostSpec("shallow", base_width=16, num_blocks=1, slot_after=(0, 0, 0)),
     "baseline": HostSpec("baseline", base_width=16, num_blocks=3, slot_after=(0, 1, 2)),
     "wide": HostSpec("wide", base_width=32, num_blocks=3, slot_after=(0, 1, 2)),
     "deep": HostSpec("deep", base_width=16, num_blocks=5, slot_after=(1, 2, 4)),
@@ -90,7 +93,7 @@ def init_host(
     cin = in_channels
     for i, w in enumerate(spec.widths):
         fan_in = cin * 9
-        params[f"block{i}.conv"] = rng.normal(rng.stream_key(keys, 100, i), (w, cin, 3, 3)) * math.sqrt(2.0 / fan_in)
+        params[f"block{i}.conv"] = layers.init_weight(keys, (100, i), (w, cin, 3, 3), fan_in)
         params[f"block{i}.bn_w"] = torch.ones(n, w, device=device)
         params[f"block{i}.bn_b"] = torch.zeros(n, w, device=device)
         buffers[f"block{i}.bn_mean"] = torch.zeros(n, w, device=device)

@@ -7,8 +7,23 @@ leading env dimension ``[N, ...]``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from esper import rng
+
+
+def init_weight(keys: torch.Tensor, stream: tuple[int, ...], shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
+    """Per-env ``[N, *shape]`` weights at the scale of PyTorch's default conv/linear init.
+
+    Std ``1/sqrt(3 fan_in)`` (the variance of ``kaiming_uniform_(a=sqrt(5))``), not Kaiming's
+    ``sqrt(2/fan_in)``: ahead of a norm layer the weight scale only sets the effective learning
+    rate, and the 2.4x larger Kaiming scale cost small hosts ~10 accuracy points in 20 epochs
+    (measured: one-block 16-wide host 51.0 vs 40.6, narrow 4-8-16 host 51.2 vs 42.6).
+    """
+    return rng.normal(rng.stream_key(keys, *stream), shape) * (1.0 / math.sqrt(3.0 * fan_in))
 
 
 def to_grouped(x: torch.Tensor) -> torch.Tensor:

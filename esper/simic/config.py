@@ -26,7 +26,7 @@ class TaskConfig(_Strict):
     """Which dataset, and how much of it."""
 
     name: Literal["synthetic", "cifar10"] = "synthetic"
-    train_size: int | None = Field(1024, ge=1)
+    train_size: int | None = Field(2048, ge=1)
     val_size: int | None = Field(512, ge=1)
     image_size: int = Field(16, ge=5, description="synthetic only")
     num_classes: int = Field(10, ge=2, description="synthetic only")
@@ -57,10 +57,10 @@ class TaskConfig(_Strict):
 class KasminaSection(_Strict):
     """The batched hosts: architecture, blueprint set, optimizer, gates."""
 
-    host: str = "impaired"
+    host: str = "shallow"
     slots: tuple[str, ...] = CANONICAL_SLOTS
     blueprints: tuple[str, ...] | None = None
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(64, ge=1)
     val_batch_size: int = Field(512, ge=1)
     host_lr: float = Field(0.05, gt=0.0)
     seed_lr: float = Field(0.05, gt=0.0)
@@ -93,7 +93,7 @@ class KasminaSection(_Strict):
 class EpisodeConfig(_Strict):
     """How long an episode is (one step = one host epoch) and how many envs run at once."""
 
-    length: int = Field(24, ge=1)
+    length: int = Field(30, ge=1)
     envs: int = Field(8, ge=1)
     episodes: int = Field(1, ge=1)
     seed: int = Field(0, ge=0)
@@ -173,6 +173,11 @@ class TrainingConfig(_Strict):
                 f"heuristic.warmup_epochs ({self.heuristic.warmup_epochs}) must be below "
                 f"episode.length ({self.episode.length})"
             )
+        if self.heuristic.plateau_epochs >= self.history_length:
+            raise ValueError(
+                f"heuristic.plateau_epochs ({self.heuristic.plateau_epochs}) must be below "
+                f"history_length ({self.history_length}): the plateau is judged from that history"
+            )
         if self.ppo.minibatch_envs > self.episode.envs:
             raise ValueError(
                 f"ppo.minibatch_envs ({self.ppo.minibatch_envs}) exceeds episode.envs ({self.episode.envs})"
@@ -181,8 +186,10 @@ class TrainingConfig(_Strict):
             missing = [b for b in self.heuristic.blueprints if b not in self.kasmina.blueprints]
             if missing:
                 raise ValueError(f"heuristic.blueprints {missing} are not in kasmina.blueprints")
+        # Only a schedule the user wrote is checked: the default's later epochs simply do not
+        # fire in a shorter episode.
         late = [e for e in self.fixed.epochs if e >= self.episode.length]
-        if late:
+        if late and "epochs" in self.fixed.model_fields_set:
             raise ValueError(f"fixed.epochs {late} are not below episode.length ({self.episode.length})")
         return self
 

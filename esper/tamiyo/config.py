@@ -13,7 +13,17 @@ class HeuristicConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     warmup_epochs: int = Field(3, ge=0, description="no germination before this epoch")
-    plateau_epochs: int = Field(2, ge=1, description="epochs of plateau before germinating")
+    plateau_epochs: int = Field(2, ge=1, description="window (epochs) over which the plateau is judged")
+    plateau_delta: float = Field(
+        2.0, ge=0.0,
+        description="plateau: mean val-acc gain per epoch over the window below this (points)",
+    )
+    wait_for: Literal["live", "isolated", "nothing"] = Field(
+        "isolated",
+        description="germinate only when no seed is live (reference); once none is in "
+        "isolated training (GERMINATED/TRAINING), so the next seed may train while one blends; "
+        "or on any plateau with a free slot",
+    )
     cull_cooldown: int = Field(3, ge=0, description="epochs after a cull before germinating")
     drop_threshold: float = Field(4.0, ge=0.0, description="cull when val acc fell this much (points; above epoch-to-epoch noise)")
     min_epochs_before_cull: int = Field(2, ge=0, description="epochs in stage before a drop cull")
@@ -37,6 +47,6 @@ class FixedScheduleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     blueprint: str = "conv_light"
-    epochs: tuple[int, ...] = Field((3,), min_length=1)
-    tempo_index: int = Field(1, ge=0, le=2)
+    epochs: tuple[int, ...] = Field((4, 10, 16), min_length=1)
+    tempo_index: int = Field(0, ge=0, le=2)
     slot_preference: Literal["deepest", "shallowest"] = "deepest"
