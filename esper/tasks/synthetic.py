@@ -134,7 +134,8 @@ def make_synthetic_task(
 
     The extra knobs set difficulty: more motifs/modes need more filters, more distractors and
     noise lower the ceiling. Defaults are tuned so a ~1.7k-parameter CNN host falls well short
-    of a ~24k-parameter one after the same training.
+    of a ~24k-parameter one after the same training; a one-block host, short of the depth that
+    combines motifs, gains 13-18 points from residual conv seeds (README, Results).
     """
     if num_classes < 2 or image_size < motif_size or channels < 1:
         raise ValueError("need num_classes >= 2, image_size >= motif_size, channels >= 1")
