@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from tensordict import TensorDict
+from tiny_config import TINY
 from torchrl.envs.utils import check_env_specs
 
 from esper.kasmina.gates import GateConfig
@@ -22,14 +23,6 @@ from esper.tamiyo.baselines import RandomPolicy
 from esper.tamiyo.masks import action_masks
 
 S = SeedStage
-TINY = {
-    "task": {"train_size": 256, "val_size": 128},
-    "kasmina": {"batch_size": 64, "blueprints": ["norm", "conv_small"], "gates": {"min_training_epochs": 1}},
-    "episode": {"length": 3, "envs": 2},
-    "heuristic": {"warmup_epochs": 1, "plateau_epochs": 1, "blueprints": ["norm", "conv_small"]},
-    "fixed": {"blueprint": "conv_small", "epochs": [0]},
-    "ppo": {"minibatch_envs": 2},
-}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_config import TINY as SHARED_TINY
 
 from esper.nissa import JsonlBackend, NissaHub, load_profile
 from esper.simic.config import TrainingConfig
@@ -13,12 +14,10 @@ from esper.simic.runner import EpisodeRunner
 from esper.tamiyo.policies import make_policy
 
 TINY = {
+    **SHARED_TINY,
     "task": {"train_size": 128, "val_size": 64},
     "kasmina": {"batch_size": 64, "blueprints": ["norm", "conv_small"]},
     "episode": {"length": 2, "envs": 2, "episodes": 1},
-    "heuristic": {"warmup_epochs": 1, "plateau_epochs": 1, "blueprints": ["norm", "conv_small"]},
-    "fixed": {"blueprint": "conv_small", "epochs": [0]},
-    "ppo": {"minibatch_envs": 2},
 }
 
 # Feature group -> a key it must produce in the epoch payload.
