@@ -1,4 +1,9 @@
-"""``python -m esper.evaluate``: compare controllers on identical hosts, side by side."""
+"""``python -m esper.evaluate``: compare controllers on identical hosts, side by side.
+
+Scores are test accuracy (the held-out split no controller, gate or reward reads), beside the
+final validation accuracy the controllers decided from. Use ``--task-seed`` for data no
+threshold was tuned on.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ def aggregate(summaries: list[EpisodeSummary], seconds: float) -> dict[str, Any]
 
     return {
         "episodes": len(summaries),
+        "test_acc": stat([s.test_acc for s in summaries]),
         "final_val_acc": stat([s.final_val_acc for s in summaries]),
         "params_added": stat([s.params_added for s in summaries]),
         "fossilized": stat([s.fossilized for s in summaries]),
@@ -62,14 +68,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title="policies on identical hosts")
-    for col in ("policy", "final val acc", "params added", "fossilized", "culled", "reward", "s"):
+    table = Table(title="policies on identical hosts (test accuracy on the held-out split)")
+    for col in ("policy", "test acc", "final val acc", "params added", "fossilized", "culled", "reward", "s"):
         table.add_column(col, justify="right" if col != "policy" else "left")
     for name, r in results.items():
         def ms(key: str, fmt: str = ".2f", r: dict[str, Any] = r) -> str:
             return f"{r[key]['mean']:{fmt}} ± {r[key]['std']:{fmt}}"
 
-        table.add_row(name, ms("final_val_acc"), ms("params_added", ".0f"), ms("fossilized"),
+        table.add_row(name, ms("test_acc"), ms("final_val_acc"), ms("params_added", ".0f"), ms("fossilized"),
                       ms("culled"), ms("reward", ".3f"), f"{r['seconds']:.0f}")
     return table
 
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = telemetry_profile(cfg)
         specs = [s.strip() for s in args.policies.split(",") if s.strip()]
         for spec in specs:
-            parse_spec(spec)
+            cfg.check_for(parse_spec(spec)[0])
     except (ConfigError, ValueError) as err:
         console.print(f"[red]configuration error:[/red] {err}")
         return 2
@@ -96,11 +102,18 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             summaries = EpisodeRunner(env, policy, hub=hub, profile=profile).run(cfg.episode.episodes)
             results[spec] = aggregate(summaries, time.perf_counter() - start)
-            console.print(f"{spec}: final val acc {results[spec]['final_val_acc']['mean']:.2f} "
-                          f"({results[spec]['seconds']:.0f}s)")
+            r = results[spec]
+            console.print(f"{spec}: test acc {r['test_acc']['mean']:.2f} ± {r['test_acc']['std']:.2f} "
+                          f"(val {r['final_val_acc']['mean']:.2f}) in {r['seconds']:.0f}s")
     console.print(results_table(results))
     if args.json:
-        write_json_atomic(args.json, {"config": cfg.model_dump(mode="json"), "results": results})
+        write_json_atomic(args.json, {
+            "task_seed": cfg.task.seed,
+            "host_seed": cfg.episode.seed,
+            "command": "python -m esper.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
+            "config": cfg.model_dump(mode="json"),
+            "results": results,
+        })
     return 0
 
 

@@ -30,24 +30,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save", type=Path, help="PPO checkpoint written after every round (default RUN_DIR/ppo.pt)")
     p.add_argument("--resume", type=Path, help="continue the PPO run stored in this checkpoint")
     add_common_args(p)
+    # The preset follows the policy unless given: PPO trains on the `ppo` preset, any other
+    # controller runs the `default` one. The header line names the preset that ran.
+    p.set_defaults(preset=None)
     return p
 
 
 def train_ppo(args: argparse.Namespace, console: Console) -> int:
     """Train with :class:`PPOTrainer`, one progress line per round, checkpoint every round."""
-    if args.preset == "default" and args.config is None:
-        args.preset = "ppo"  # sized to show learning within minutes on a 2-core CPU
     try:
         cfg = build_config(args)
         if args.rounds is not None:
             cfg = cfg.updated(ppo={"rounds": args.rounds})
+        cfg.check_for("ppo")
+        profile = telemetry_profile(cfg)
     except (ConfigError, ValueError) as err:
         console.print(f"[red]configuration error:[/red] {err}")
         return 2
     save = args.save or Path(cfg.run_dir) / "ppo.pt"
     start = time.perf_counter()
     with make_hub(cfg) as hub, maybe_trace(args.trace, f"ppo-{cfg.telemetry.profile}"):
-        trainer = PPOTrainer(cfg, hub=hub)
+        trainer = PPOTrainer(cfg, hub=hub, profile=profile)
         if args.resume is not None:
             try:
                 trainer.resume(args.resume)
@@ -55,23 +58,26 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
                 console.print(f"[red]cannot resume:[/red] {err}")
                 return 2
             console.print(f"resumed {args.resume} at round {trainer.round}")
-        console.print(f"PPO: {cfg.episode.envs} envs x {cfg.episode.length} epochs per round, "
-                      f"{cfg.ppo.rounds} rounds, compile={cfg.compile}, device={cfg.device}")
+        console.print(f"PPO (preset {args.preset}): {cfg.episode.envs} envs x {cfg.episode.length} epochs "
+                      f"per round, {cfg.ppo.rounds} rounds, task seed {cfg.task.seed}, host seed "
+                      f"{cfg.episode.seed}, telemetry {profile.name}, compile={cfg.compile}, device={cfg.device}")
 
         def on_round(stats: RoundStats) -> None:
             console.print(f"{time.perf_counter() - start:7.1f}s {stats.line()}", highlight=False, markup=False)
 
         trainer.train(cfg.ppo.rounds, on_round=on_round, save=save)
-    console.print(f"done: {trainer.round} rounds in {time.perf_counter() - start:.1f}s; checkpoint {save}")
+    pipe = trainer.base_env.pipeline
+    console.print(f"done: {trainer.round} rounds in {time.perf_counter() - start:.1f}s; checkpoint {save}; "
+                  f"{pipe.transfers} host transfers for {pipe.epochs} epochs")
     return 0
 
 
 def summary_table(summaries: list[EpisodeSummary], title: str) -> Table:
     table = Table(title=title)
-    for col in ("env", "ep", "final acc", "params+", "fossil", "culled", "reward", "trajectory"):
+    for col in ("env", "ep", "test acc", "val acc", "params+", "fossil", "culled", "reward", "trajectory"):
         table.add_column(col, overflow="fold")
     for s in summaries:
-        table.add_row(str(s.env), str(s.episode), f"{s.final_val_acc:.2f}", f"{s.params_added:.0f}",
+        table.add_row(str(s.env), str(s.episode), f"{s.test_acc:.2f}", f"{s.final_val_acc:.2f}", f"{s.params_added:.0f}",
                       str(s.fossilized), str(s.culled), f"{s.total_reward:.3f}", s.trajectory)
     return table
 
@@ -79,6 +85,8 @@ def summary_table(summaries: list[EpisodeSummary], title: str) -> Table:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=200)
+    if args.preset is None:
+        args.preset = "ppo" if args.policy == "ppo" else "default"
     if args.policy == "ppo":
         return train_ppo(args, console)
     try:
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         console.print(f"[red]configuration error:[/red] {err}")
         return 2
-    env = MorphogeneticEnv(cfg)
+    env = MorphogeneticEnv(cfg, profile=profile)
     try:
         policy = make_policy(args.policy, env, cfg, seed=cfg.episode.seed)
     except ValueError as err:
@@ -111,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         summaries = runner.run(cfg.episode.episodes)
     elapsed = time.perf_counter() - start
     console.print(summary_table(summaries, f"{args.policy}: {len(summaries)} episodes in {elapsed:.1f}s"))
-    acc = np.array([s.final_val_acc for s in summaries])
-    console.print(f"final val acc {acc.mean():.2f} ± {acc.std():.2f} over {acc.size} episodes; "
-                  f"{runner.syncs} host transfers for {runner.syncs} epochs")
+    test = np.array([s.test_acc for s in summaries])
+    val = np.array([s.final_val_acc for s in summaries])
+    console.print(f"test acc {test.mean():.2f} ± {test.std():.2f} (val {val.mean():.2f} ± {val.std():.2f}) "
+                  f"over {test.size} episodes; {runner.transfers} host transfers for {runner.epochs} epochs")
     return 0
 
 

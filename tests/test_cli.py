@@ -22,7 +22,7 @@ def test_train_cli_runs_and_summarizes(tiny_config, tmp_path, capsys) -> None:
                      "--run-dir", str(tmp_path / "run"), "--telemetry", "standard"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "germinate(conv_small@late)" in out and "final val acc" in out
+    assert "germinate(conv_small@late)" in out and "test acc" in out and "3 host transfers for 3 epochs" in out
     lines = (tmp_path / "run" / "telemetry.jsonl").read_text().splitlines()
     kinds = {json.loads(line)["kind"] for line in lines}
     assert {"epoch", "decision", "lifecycle", "episode", "narrative", "analytics"} <= kinds

@@ -217,7 +217,7 @@ def test_gates_report_reasons() -> None:
     stage = torch.tensor([[int(S.TRAINING), int(S.TRAINING), int(S.PROBATIONARY), int(S.DORMANT)]])
     epochs = torch.tensor([[1, 3, 2, 0]])
     passes, reasons = evaluate_gates(
-        cfg, stage, epochs, alpha=torch.zeros(1, 4), alpha_target=torch.ones(1, 4),
+        cfg, stage, epochs, alpha=torch.zeros(1, 4),
         seed_grad_norm=torch.tensor([[1.0, float("nan"), 1.0, 0.0]]), host_grad_norm=torch.ones(1, 4),
         contribution=torch.tensor([[0.0, 0.0, 2.0, 0.0]]), acc_gain=torch.zeros(1, 4),
     )

@@ -14,7 +14,6 @@ from esper.leyline import (
     HEADS_FOR_OP,
     NUM_STAGES,
     VALID_TRANSITIONS,
-    ActionSpace,
     EventKind,
     ObservationSchema,
     Op,
@@ -105,15 +104,7 @@ def test_heads_for_ops() -> None:
     assert rel["op"] == [True] * len(Op)
 
 
-def test_action_space_sizes_and_errors() -> None:
-    space = ActionSpace(blueprints=("noop", "conv_light"))
-    assert space.sizes == {"op": 5, "slot": 3, "blueprint": 2, "tempo": 3}
-    assert space.describe(Op.GERMINATE, 1, 1, 1) == "germinate(conv_light@mid, tempo 5)"
-    assert space.describe(Op.CULL, 2, 0, 0) == "cull(late)"
-    with pytest.raises(ValueError, match="unknown slots"):
-        ActionSpace(blueprints=("noop",), slots=("early", "bogus"))
-    with pytest.raises(ValueError, match="canonical order"):
-        ActionSpace(blueprints=("noop",), slots=("late", "early"))
+def test_ordered_slots() -> None:
     with pytest.raises(ValueError, match="unknown slot"):
         ordered_slots(["mid", "top"])
     assert ordered_slots(["late", "early"]) == ("early", "late")

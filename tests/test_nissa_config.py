@@ -3,25 +3,48 @@
 from __future__ import annotations
 
 import ast
+import tomllib
+from importlib import resources
 from pathlib import Path
 
 import pytest
+import yaml
 
 import esper
 from esper.nissa import (
     PROFILE_NAMES,
-    PROFILES_DIR,
     ProfileError,
     TelemetryConfig,
     apply_overrides,
     load_profile,
     load_profile_file,
+    profiles_dir,
 )
 
 
-def test_profiles_dir_is_repo_top_level() -> None:
-    assert Path(esper.__file__).resolve().parents[1] / "profiles" == PROFILES_DIR
-    assert sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")) == sorted(PROFILE_NAMES)
+def test_profiles_are_package_data_identical_to_top_level() -> None:
+    """The named profiles ship inside esper.nissa (an installed wheel has no repo tree); the
+    repository's top-level profiles/ (the design card's layout) holds identical copies."""
+    packaged = resources.files("esper.nissa").joinpath("profiles")
+    names = sorted(q.name for q in packaged.iterdir() if q.name.endswith(".yaml"))
+    assert names == sorted(f"{n}.yaml" for n in PROFILE_NAMES)
+    top = Path(esper.__file__).resolve().parents[1] / "profiles"
+    assert sorted(p.name for p in top.glob("*.yaml")) == names
+    for name in names:
+        assert packaged.joinpath(name).read_text(encoding="utf-8") == (top / name).read_text(encoding="utf-8"), name
+
+
+@pytest.mark.parametrize("name", PROFILE_NAMES)
+def test_every_profile_loads_through_importlib_resources(name: str) -> None:
+    text = resources.files("esper.nissa").joinpath("profiles", f"{name}.yaml").read_text(encoding="utf-8")
+    assert load_profile(name) == TelemetryConfig.model_validate(yaml.safe_load(text))
+    assert load_profile(name).name == name and profiles_dir().joinpath(f"{name}.yaml").is_file()
+
+
+def test_pyproject_ships_profiles_as_package_data() -> None:
+    root = Path(esper.__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "profiles/*.yaml" in data["tool"]["setuptools"]["package-data"]["esper.nissa"]
 
 
 @pytest.mark.parametrize("name", PROFILE_NAMES)

@@ -100,7 +100,7 @@ def test_decision_brief_explains_reason_codes() -> None:
     d = DecisionEvent(kind=EventKind.DECISION, env=2, epoch=7, action="GERMINATE", accepted=True)
     brief = build_briefs({"metrics.val_loss": np.ones(3)}, TrainingHistory(3), 7)[2]
     brief.red_flags.append("sustained plateau")
-    ev = explain_decision(d, ["PLATEAU", "custom_code"], brief)
+    ev = explain_decision(d, ["germinate_plateau", "custom_code"], brief)
     text = ev.payload["text"]
     assert "GERMINATE (accepted) because validation has plateaued; custom_code" in text
     assert "context: sustained plateau" in text and ev.env == 2
@@ -119,18 +119,18 @@ def lc(bp: str, to: str, **payload: float) -> LifecycleEvent:
 
 def test_blueprint_analytics() -> None:
     a = BlueprintAnalytics()
-    a.record_many(
-        [
-            lc("norm", "GERMINATED", params=100, flops=1e3),
-            lc("norm", "FOSSILIZED", accuracy_delta=0.02),
-            lc("norm", "GERMINATED", params=100, flops=1e3),
-            lc("norm", "CULLED", accuracy_delta=-0.01),
-            lc("norm", "GERMINATED", params=100, flops=1e3),
-            lc("conv_heavy", "GERMINATED", params=74000, flops=5e6),
-            lc("conv_heavy", "TRAINING"),
-            lc("conv_heavy", "FOSSILIZED", accuracy_delta=0.05),
-        ]
-    )
+    events = [
+        lc("norm", "GERMINATED", params=100, flops=1e3),
+        lc("norm", "FOSSILIZED", accuracy_delta=0.02),
+        lc("norm", "GERMINATED", params=100, flops=1e3),
+        lc("norm", "CULLED", accuracy_delta=-0.01),
+        lc("norm", "GERMINATED", params=100, flops=1e3),
+        lc("conv_heavy", "GERMINATED", params=74000, flops=5e6),
+        lc("conv_heavy", "TRAINING"),
+        lc("conv_heavy", "FOSSILIZED", accuracy_delta=0.05),
+    ]
+    for event in events:  # lifecycle events one by one, as the runner records them
+        a.record(event)
     norm, heavy = a.stats["norm"], a.stats["conv_heavy"]
     assert (norm.germinated, norm.fossilized, norm.culled) == (3, 1, 1)
     assert norm.fossilization_rate == 0.5 and norm.mean_acc_delta == pytest.approx(0.005)
@@ -211,7 +211,7 @@ def test_monitor_and_escalation() -> None:
     mon = AnomalyMonitor(degradation=PerformanceDegradationDetector(warmup_epochs=1, drop=0.05))
     base = load_profile("standard")
     esc = EscalationState(base)
-    assert esc.config_for(0).name == "standard"
+    assert esc.config_for_next().name == "standard"
     for epoch, acc in enumerate([0.5, 0.6, 0.3]):
         events = mon.check_epoch(
             {"metrics.val_accuracy": np.array([acc]), "gradients.total_norm": np.array([1.0])},
@@ -219,7 +219,11 @@ def test_monitor_and_escalation() -> None:
         )
         esc.observe(events, epoch)
     assert [e.severity for e in events] == ["severe"]
-    assert [esc.config_for(e).name for e in range(2, 7)] == ["diagnostic"] * 4 + ["standard"]
+    names = []
+    for _ in range(4):  # the next escalation_epochs (3) epochs run escalated, then standard
+        names.append(esc.config_for_next().name)
+        esc.observe([], None)
+    assert names == ["diagnostic"] * 3 + ["standard"]
     ppo = mon.check_ppo_update(
         {
             "explained_variance": 0.5,

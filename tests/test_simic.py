@@ -56,20 +56,35 @@ def test_config_round_trip_and_presets(tmp_path) -> None:
     [
         ({"episode": {"lenght": 3}}, "episode.lenght: unknown key"),
         ({"bogus": 1}, "bogus: unknown key"),
-        ({"reward": {"gamma": 1.5}}, "reward.gamma"),
+        ({"ppo": {"gamma": 1.5}}, "ppo.gamma"),
         ({"episode": {"envs": 0}}, "episode.envs"),
-        ({"episode": {"length": 3}, "heuristic": {"warmup_epochs": 5}}, "warmup_epochs .* must be below"),
         ({"kasmina": {"host": "huge"}}, "unknown host"),
         ({"kasmina": {"slots": ["middle"]}}, "slots"),
         ({"ppo": {"entropy_coef": {"colour": 0.1}}}, "unknown heads"),
-        ({"episode": {"length": 8}, "fixed": {"epochs": [2, 9]}}, r"fixed.epochs \[9\] are not below episode.length \(8\)"),
-        ({"heuristic": {"plateau_epochs": 4}}, r"plateau_epochs \(4\) must be below history_length \(4\)"),
         ({"heuristic": {"wait_for": "forever"}}, "heuristic.wait_for"),
     ],
 )
 def test_config_rejects(data: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         TrainingConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "policy", "match"),
+    [
+        ({"episode": {"length": 3}, "heuristic": {"warmup_epochs": 5}}, "heuristic", "warmup_epochs .* must be below"),
+        ({"episode": {"length": 8}, "fixed": {"epochs": [2, 9]}}, "fixed",
+         r"fixed.epochs \[9\] are not below episode.length \(8\)"),
+        ({"heuristic": {"plateau_epochs": 4}}, "heuristic", r"plateau_epochs \(4\) must be below history_length \(4\)"),
+        ({"episode": {"envs": 2}, "ppo": {"minibatch_envs": 4}}, "ppo", r"minibatch_envs \(4\) exceeds episode.envs \(2\)"),
+    ],
+)
+def test_config_rejects_for_the_policy_that_runs(data: dict, policy: str, match: str) -> None:
+    cfg = TrainingConfig.from_dict(data)  # valid as a config: only that policy cannot run it
+    with pytest.raises(ConfigError, match=match):
+        cfg.check_for(policy)
+    others = {"heuristic", "fixed", "ppo", "static", "random"} - {policy}
+    assert all(cfg.check_for(p) is cfg for p in others)
 
 
 def test_unknown_preset() -> None:
@@ -93,8 +108,8 @@ def _signals(n: int = 2, s: int = 3, **over: torch.Tensor) -> TensorDict:
 
 def test_reward_components_on_crafted_signals() -> None:
     cfg = RewardConfig(contribution=1.0, shaping=0.1, rent=0.5, germinate_cost=0.02, fossilize_bonus=0.3,
-                       terminal=2.0, gamma=0.9)
-    fn = ShapedReward(cfg, host_params=1000.0, device="cpu")
+                       terminal=2.0)
+    fn = ShapedReward(cfg, host_params=1000.0, device="cpu", gamma=0.9)
     stage = torch.tensor([[S.BLENDING, S.DORMANT, S.DORMANT], [S.FOSSILIZED, S.DORMANT, S.DORMANT]])
     before = torch.tensor([[S.TRAINING, S.DORMANT, S.DORMANT], [S.PROBATIONARY, S.DORMANT, S.DORMANT]])
     sig = _signals(stage=stage, stage_before=before,
@@ -103,7 +118,8 @@ def test_reward_components_on_crafted_signals() -> None:
                    params_added=torch.tensor([0.0, 1000.0]))
     r = fn(sig, torch.tensor([Op.GERMINATE, Op.FOSSILIZE]), torch.tensor([False, True]))
     assert r.contribution.tolist() == pytest.approx([0.04, 0.0])  # fossilized seeds are not live
-    assert r.shaping.tolist() == pytest.approx([0.9 * 0.3 - 0.2, 0.9 * 0.6 - 0.5])
+    # env 1's episode ends here: the final state's potential counts as 0
+    assert r.shaping.tolist() == pytest.approx([0.9 * 0.3 - 0.2, 0.9 * 0.0 - 0.5])
     assert r.rent.tolist() == pytest.approx([0.0, -0.5 * torch.log1p(torch.tensor(1.0)).item()])
     assert r.action_cost.tolist() == pytest.approx([-0.02, -cfg.fossilize_cost])
     assert r.fossilize.tolist() == pytest.approx([0.0, 0.3])
@@ -119,17 +135,37 @@ def test_reward_to_dict_is_complete() -> None:
     assert set(r.to_tensordict().keys()) == set(RewardComponents.names())
 
 
-def test_shaping_is_potential_based() -> None:
-    """Over a whole path the discounted shaping telescopes to gamma^T phi(s_T) - phi(s_0)."""
-    cfg = RewardConfig(gamma=0.9, shaping=1.0)
-    fn = ShapedReward(cfg, 1000.0, "cpu")
-    path = [S.DORMANT, S.GERMINATED, S.TRAINING, S.BLENDING, S.CULLED, S.EMBARGOED]
+@pytest.mark.parametrize(
+    "path",
+    [
+        [S.DORMANT, S.GERMINATED, S.TRAINING, S.BLENDING, S.CULLED, S.EMBARGOED],
+        # ends with a fossilized seed: Phi(s_T) != 0, which an invariant shaping must not pay
+        [S.DORMANT, S.GERMINATED, S.TRAINING, S.BLENDING, S.SHADOWING, S.PROBATIONARY, S.FOSSILIZED],
+        # starts mid-life (Phi(s_0) != 0) and ends fossilized
+        [S.TRAINING, S.BLENDING, S.SHADOWING, S.PROBATIONARY, S.FOSSILIZED, S.FOSSILIZED],
+    ],
+)
+def test_shaping_sums_to_minus_initial_potential(path: list[SeedStage]) -> None:
+    """Discounted with the learner's gamma, an episode's shaping terms sum to -Phi(s_0) whatever
+    the path, because the final state's potential is 0: shaping cannot change which policy is
+    optimal (Ng et al. 1999)."""
+    gamma = 0.9
+    fn = ShapedReward(RewardConfig(shaping=1.0), 1000.0, "cpu", gamma=gamma)
+    steps = list(itertools.pairwise(path))
     total = 0.0
-    for t, (a, b) in enumerate(itertools.pairwise(path)):
+    for t, (a, b) in enumerate(steps):
         sig = _signals(n=1, s=1, stage=torch.tensor([[b]]), stage_before=torch.tensor([[a]]))
-        total += 0.9**t * float(fn(sig, torch.tensor([0]), torch.tensor([False])).shaping[0])
-    assert total == pytest.approx(0.9 ** (len(path) - 1) * float(fn.phi(torch.tensor([[path[-1]]]))[0])
-                                  - float(fn.phi(torch.tensor([[path[0]]]))[0]), abs=1e-5)
+        end = torch.tensor([t == len(steps) - 1])
+        total += gamma**t * float(fn(sig, torch.tensor([0]), end).shaping[0])
+    assert total == pytest.approx(-float(fn.phi(torch.tensor([[path[0]]]))[0]), abs=1e-6)
+
+
+def test_env_discounts_shaping_with_the_ppo_gamma(tiny_cfg, tiny_task) -> None:
+    """One discount: the env's shaping uses ``ppo.gamma`` (there is no second one)."""
+    cfg = tiny_cfg.updated(ppo={"gamma": 0.8})
+    env = MorphogeneticEnv(cfg, task=tiny_task)
+    assert env.reward_fn.gamma == 0.8
+    assert "gamma" not in RewardConfig.model_fields
 
 
 # ----------------------------------------------------------------------------- masks
@@ -203,6 +239,8 @@ def test_episode_truncates_and_runner_summarizes(tiny_cfg, tiny_task) -> None:
     env = MorphogeneticEnv(tiny_cfg, task=tiny_task)
     runner = EpisodeRunner(env, make_policy("fixed", env, tiny_cfg))
     summaries = runner.run(1)
-    assert len(summaries) == 2 and runner.syncs == tiny_cfg.episode.length
+    assert len(summaries) == 2
+    assert runner.transfers == runner.epochs == tiny_cfg.episode.length
+    assert all(0.0 <= s.test_acc <= 100.0 for s in summaries)
     assert all(s.trajectory.startswith("germinate(conv_small@late)") for s in summaries)
     assert all(s.params_added > 0 for s in summaries)

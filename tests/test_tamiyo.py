@@ -8,11 +8,11 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from esper.leyline import NUM_GATES, GateId, ObservationSchema, Op, SeedStage
+from esper.leyline import NUM_GATES, REASONS, GateId, ObservationSchema, Op, Reason, SeedStage
 from esper.tamiyo.baselines import FixedSchedulePolicy, RandomPolicy, StaticPolicy
 from esper.tamiyo.config import HeuristicConfig
 from esper.tamiyo.features import FeatureBuilder, RunningNorm, new_tracker
-from esper.tamiyo.heuristic import REASONS, HeuristicPolicy, Reason
+from esper.tamiyo.heuristic import HeuristicPolicy
 from esper.tamiyo.masks import action_masks
 
 S = SeedStage

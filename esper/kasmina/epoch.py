@@ -22,10 +22,18 @@ from esper.kasmina.blueprints import get_blueprints
 from esper.kasmina.gates import GateConfig, evaluate_gates
 from esper.kasmina.hosts import host_spec
 from esper.kasmina.model import Architecture, Plans, forward_eval
-from esper.kasmina.slots import COMPUTING_STAGES, Lifecycle
+from esper.kasmina.slots import Lifecycle
 from esper.kasmina.state import as_dicts, init_seeds, init_state, where_envs
 from esper.kasmina.step import StepHyper, train_step
-from esper.leyline import CANONICAL_SLOTS, GateId, Op, SeedStage, ordered_slots
+from esper.leyline import (
+    CANONICAL_SLOTS,
+    COMPUTING_STAGES,
+    AlphaSchedule,
+    GateId,
+    Op,
+    SeedStage,
+    ordered_slots,
+)
 from esper.nissa.profiling import phase
 from esper.tasks import EnvBatchSampler, TaskData
 
@@ -46,6 +54,7 @@ class KasminaConfig:
     seed_lr: float = 0.05
     step: StepHyper = field(default_factory=StepHyper)
     gates: GateConfig = field(default_factory=GateConfig)
+    alpha_schedule: AlphaSchedule | str = AlphaSchedule.LINEAR  # blending ramp (enum or its name)
     compile: bool = False
     compile_mode: str | None = None
     lr_horizon: int = 0  # epochs of cosine host-lr decay per episode; 0: constant
@@ -70,7 +79,7 @@ class MorphogeneticBatch:
             n_envs=n_envs,
         )
         self.blueprint_names = tuple(bp.name for bp in self.arch.blueprints)
-        self.lifecycle = Lifecycle(cfg.gates, self.device)
+        self.lifecycle = Lifecycle(cfg.gates, self.device, cfg.alpha_schedule)
         # Compiled steps keep one shape: a smaller last batch would be a second graph.
         ragged = task.train_size % cfg.batch_size != 0
         self.sampler = EnvBatchSampler(task, n_envs, cfg.batch_size, drop_last=cfg.compile and ragged)
@@ -309,11 +318,34 @@ class MorphogeneticBatch:
             "val_acc_without": acc[1:].T.contiguous(),  # [N, S]
         }
 
-    def run_epoch(self, actions: TensorDict, capture: frozenset[str] = frozenset()) -> TensorDict:
+    @torch.no_grad()
+    def test(self) -> dict[str, torch.Tensor]:
+        """Loss and accuracy ``[N]`` of every env's current model on the held-out test split.
+
+        No counterfactuals: only reported scores read this, never a decision, so it runs when
+        an episode ends (``run_epoch(test=True)``; the caller knows when from its snapshot).
+        """
+        st = as_dicts(self.state)
+        ctrl = self.controls()
+        k_cls = self.num_classes
+        correct = torch.zeros(self.n, device=self.device)
+        loss = torch.zeros(self.n, device=self.device)
+        for x, y in self.sampler.val_batches(self.cfg.val_batch_size, split="test"):
+            logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x,
+                                  self._plans, counterfactuals=False)[0]
+            correct += (logits.argmax(dim=-1) == y).sum(dim=-1)
+            loss += F.cross_entropy(logits.reshape(-1, k_cls), y.repeat(self.n), reduction="none").view(self.n, -1).sum(1)
+        total = self.task.test_size
+        return {"test_loss": loss / total, "test_acc": 100.0 * correct / total}
+
+    def run_epoch(
+        self, actions: TensorDict, capture: frozenset[str] = frozenset(), test: bool = False
+    ) -> TensorDict:
         """Apply actions, train one epoch, validate, gate, tick. Returns per-env signals.
 
         ``capture`` names extra tensors for telemetry (:data:`CAPTURES`), left in
-        ``self.captured`` for this epoch.
+        ``self.captured`` for this epoch. With ``test`` the signals also hold ``test_acc`` and
+        ``test_loss`` (the held-out split, scored after this epoch's training).
         """
         unknown = capture - CAPTURES
         if unknown:
@@ -328,14 +360,13 @@ class MorphogeneticBatch:
         # The counterfactual rows ride in the validation pass (shared prefix, no recompute).
         with phase("validate"):
             val = self.validate(keep_logits="logits" in capture)
+            scores = self.test() if test else {}
         with phase("counterfactual"):
             blended = self._stacked("alpha") > 0
             contribution = torch.where(blended, val["val_acc"].unsqueeze(1) - val["val_acc_without"], 0.0)
         for k, slot in enumerate(self.arch.slots):
             st = self.state["slots", slot]
-            st["contribution_prev"] = st["contribution"]
             st["contribution"] = contribution[:, k]
-            st["contribution_measured"] = blended[:, k]
         gate_pass, gate_reason = self.gates(val["val_acc"], train["seed_grad_norm"], train["host_grad_norm"])
         # Automatic moves: G1 (start training), G3 (alpha reached), G4 (shadowing clean).
         for k, slot in enumerate(self.arch.slots):
@@ -351,6 +382,7 @@ class MorphogeneticBatch:
             {
                 **train,
                 **val,
+                **scores,
                 "contribution": contribution,
                 "gate_pass": gate_pass,
                 "gate_reason": gate_reason,
@@ -360,7 +392,6 @@ class MorphogeneticBatch:
                 "stage_before": stage_before,
                 "stage": self._stacked("stage"),
                 "alpha": self._stacked("alpha"),
-                "alpha_target": self._stacked("alpha_target"),
                 "blueprint": self._stacked("blueprint"),
                 "epochs_in_stage": self._stacked("epochs_in_stage"),
                 "seed_age": self._stacked("seed_age"),
@@ -381,7 +412,6 @@ class MorphogeneticBatch:
             stage=self._stacked("stage"),
             epochs_in_stage=self._stacked("epochs_in_stage"),
             alpha=self._stacked("alpha"),
-            alpha_target=self._stacked("alpha_target"),
             seed_grad_norm=seed_grad_norm,
             host_grad_norm=host_grad_norm.unsqueeze(1).expand_as(seed_grad_norm),
             contribution=self._stacked("contribution"),

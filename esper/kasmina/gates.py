@@ -33,7 +33,6 @@ def evaluate_gates(
     stage: torch.Tensor,
     epochs_in_stage: torch.Tensor,
     alpha: torch.Tensor,
-    alpha_target: torch.Tensor,
     seed_grad_norm: torch.Tensor,
     host_grad_norm: torch.Tensor,
     contribution: torch.Tensor,
@@ -86,9 +85,9 @@ def evaluate_gates(
     passes.append(g2)
     reasons.append(r2)
 
-    # G3: alpha has reached its target.
+    # G3: blending has ramped alpha all the way up (to 1).
     in_blending = stage == S.BLENDING
-    reached = alpha >= alpha_target - 1e-6
+    reached = alpha >= 1.0 - 1e-6
     g3 = in_blending & reached
     r3 = torch.where(in_blending, torch.where(reached, code(R.PASSED), code(R.ALPHA_NOT_REACHED)), code(R.WRONG_STAGE))
     passes.append(g3)

@@ -114,12 +114,14 @@ def forward_eval(
     ctrl: Controls,
     x: torch.Tensor,
     plans: Plans | None = None,
+    counterfactuals: bool = True,
 ) -> torch.Tensor:
     """Validation on one batch ``x [B, C, H, W]`` shared by all envs, with counterfactuals.
 
     Returns logits ``[1 + S, N, B, K]``: row 0 the actual model, row ``1 + k`` the model with
     slot ``k``'s seed removed (alpha forced to 0). Counterfactual rows share the computation
-    up to their slot: each branches off as extra batch rows where its slot is reached.
+    up to their slot: each branches off as extra batch rows where its slot is reached. Without
+    ``counterfactuals`` only the actual model runs: ``[1, N, B, K]``.
     """
     b = x.shape[0]
     h = x
@@ -127,9 +129,9 @@ def forward_eval(
     for i in range(arch.spec.num_blocks):
         h = host_block(params, buffers, unused, i, h, training=False, shared_input=i == 0)
         for slot in arch.slots_after_block(i):
-            without = h[:b]
             plan = plans[slot] if plans is not None else None
-            h = torch.cat([apply_slot(arch, h, seeds[slot], ctrl[slot], plan), without], dim=0)
-    logits = host_head(params, h)  # [N, (1+S)*B, K]
+            out = apply_slot(arch, h, seeds[slot], ctrl[slot], plan)
+            h = torch.cat([out, h[:b]], dim=0) if counterfactuals else out
+    logits = host_head(params, h)  # [N, rows*B, K]
     n, _, k = logits.shape
-    return logits.view(n, 1 + len(arch.slots), b, k).transpose(0, 1)
+    return logits.view(n, -1, b, k).transpose(0, 1)

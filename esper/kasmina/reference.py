@@ -20,10 +20,7 @@ from torch import nn
 
 from esper.kasmina.blueprints import Blueprint
 from esper.kasmina.step import StepHyper
-
-_LIVE_STAGES = (2, 3, 4, 5, 6)  # GERMINATED..PROBATIONARY (esper.leyline.SeedStage values)
-_FOSSILIZED = 7
-_ISOLATED_STAGES = (2, 3)  # GERMINATED, TRAINING
+from esper.leyline import PRESENT_STAGES
 
 
 class SeedModule(nn.Module):
@@ -112,7 +109,7 @@ class ReferenceHost(nn.Module):
         ctrl = batch.controls()  # type: ignore[attr-defined]
         for slot in arch.slots:
             stage = int(state["slots", slot, "stage"][env])
-            if stage not in _LIVE_STAGES and stage != _FOSSILIZED:
+            if stage not in PRESENT_STAGES:
                 continue
             bp = arch.blueprints[int(state["slots", slot, "blueprint"][env])]
             params = {k: v[env] for k, v in state["seeds", slot, bp.name].items()}

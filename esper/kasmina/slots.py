@@ -13,7 +13,10 @@ from tensordict import TensorDict
 from esper.kasmina.gates import GateConfig
 from esper.kasmina.schedules import alpha_ramp
 from esper.leyline import (
+    COMPUTING_STAGES,
+    ISOLATED_STAGES,
     LIVE_STAGES,
+    MEASURED_STAGES,
     TEMPOS,
     AlphaSchedule,
     SeedStage,
@@ -23,12 +26,12 @@ from esper.leyline import (
 )
 
 S = SeedStage
-BLENDED_STAGES = frozenset({S.BLENDING, S.SHADOWING, S.PROBATIONARY, S.FOSSILIZED})
-# A GERMINATED seed is allocated this epoch and starts training at the next (G1 is automatic
-# at the epoch boundary), so a seed computes exactly in the stages of COMPUTING_STAGES.
-ISOLATED_STAGES = frozenset({S.TRAINING})
-TRAINABLE_STAGES = frozenset({S.TRAINING, S.BLENDING, S.SHADOWING, S.PROBATIONARY})
-COMPUTING_STAGES = TRAINABLE_STAGES | {S.FOSSILIZED}
+# Derived from Leyline's predicates (defined there once): a seed trains with its own learning
+# rate while it is live and computing (TRAINING..PROBATIONARY; fossilized seeds train as host),
+# and it trains straight-through (the host never sees its gradient) while it is isolated and
+# computing (TRAINING: a GERMINATED seed does not compute yet).
+TRAINABLE_STAGES = LIVE_STAGES & COMPUTING_STAGES
+STRAIGHT_THROUGH_STAGES = ISOLATED_STAGES & COMPUTING_STAGES
 
 
 def new_slot_state(n: int, device: torch.device | str) -> TensorDict:
@@ -42,15 +45,12 @@ def new_slot_state(n: int, device: torch.device | str) -> TensorDict:
             "schedule": torch.zeros(n, **long),
             "tempo": torch.full((n,), TEMPOS[1], **long),
             "alpha": torch.zeros(n, **flt),
-            "alpha_target": torch.ones(n, **flt),
             "blend_step": torch.zeros(n, **long),
             "epochs_in_stage": torch.zeros(n, **long),
             "seed_age": torch.zeros(n, **long),
             "embargo_left": torch.zeros(n, **long),
             "germinations": torch.zeros(n, **long),
             "contribution": torch.zeros(n, **flt),
-            "contribution_prev": torch.zeros(n, **flt),
-            "contribution_measured": torch.zeros(n, dtype=torch.bool, device=device),
             "acc_at_germination": torch.zeros(n, **flt),
         },
         batch_size=[n],
@@ -61,12 +61,19 @@ def new_slot_state(n: int, device: torch.device | str) -> TensorDict:
 class Lifecycle:
     """Lifecycle operations over the slot states of N envs (lookup tables live on the device)."""
 
-    def __init__(self, gates: GateConfig, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        gates: GateConfig,
+        device: torch.device | str,
+        schedule: AlphaSchedule | int | str = AlphaSchedule.LINEAR,
+    ) -> None:
         self.gates = gates
+        # The blending ramp of seeds germinated here (``kasmina.alpha_schedule``).
+        self.schedule = AlphaSchedule[schedule.upper()] if isinstance(schedule, str) else AlphaSchedule(schedule)
         self.table = transition_table(device)
         self.live = stage_mask(LIVE_STAGES, device)
-        self.blended = stage_mask(BLENDED_STAGES, device)
-        self.isolated = stage_mask(ISOLATED_STAGES, device)
+        self.blended = stage_mask(MEASURED_STAGES, device)
+        self.isolated = stage_mask(STRAIGHT_THROUGH_STAGES, device)
         self.trainable = stage_mask(TRAINABLE_STAGES, device)
         self.tempos = torch.tensor(TEMPOS, device=device)
 
@@ -95,7 +102,7 @@ class Lifecycle:
         in_range &= (tempo_index >= 0) & (tempo_index < len(TEMPOS))
         accepted = self._move(slot, request & in_range, int(S.GERMINATED))
         tempo = self.tempos[tempo_index.clamp(0, len(TEMPOS) - 1)]
-        sched = schedule if schedule is not None else torch.full_like(blueprint, int(AlphaSchedule.LINEAR))
+        sched = schedule if schedule is not None else torch.full_like(blueprint, int(self.schedule))
         slot["blueprint"] = torch.where(accepted, blueprint, slot["blueprint"])
         slot["tempo"] = torch.where(accepted, tempo, slot["tempo"])
         slot["schedule"] = torch.where(accepted, sched, slot["schedule"])
@@ -103,9 +110,8 @@ class Lifecycle:
         zero_f = torch.zeros_like(slot["alpha"])
         for key in ("seed_age", "blend_step"):
             slot[key] = torch.where(accepted, zero_l, slot[key])
-        for key in ("alpha", "contribution", "contribution_prev"):
+        for key in ("alpha", "contribution"):
             slot[key] = torch.where(accepted, zero_f, slot[key])
-        slot["contribution_measured"] = slot["contribution_measured"] & ~accepted
         slot["acc_at_germination"] = torch.where(accepted, val_acc, slot["acc_at_germination"])
         slot["germinations"] = slot["germinations"] + accepted.long()
         return accepted
@@ -170,10 +176,11 @@ class Lifecycle:
     def _update_alpha(self, slot: TensorDict) -> None:
         stage = slot["stage"]
         progress = slot["blend_step"].float() / slot["tempo"].float()
-        ramp = slot["alpha_target"] * alpha_ramp(progress, slot["schedule"])
+        ramp = alpha_ramp(progress, slot["schedule"])  # 0 -> 1 over the tempo
         alpha = torch.where(stage == S.BLENDING, ramp, slot["alpha"])
-        alpha = torch.where((stage == S.SHADOWING) | (stage == S.PROBATIONARY), slot["alpha_target"], alpha)
-        alpha = torch.where(stage == S.FOSSILIZED, torch.ones_like(alpha), alpha)
+        # Blending ends at full alpha: shadowing, probation and fossilized seeds run at 1.
+        done = (stage == S.SHADOWING) | (stage == S.PROBATIONARY) | (stage == S.FOSSILIZED)
+        alpha = torch.where(done, torch.ones_like(alpha), alpha)
         alpha = torch.where(self.blended[stage], alpha, torch.zeros_like(alpha))
         slot["alpha"] = alpha
 

@@ -24,8 +24,12 @@ class StepHyper:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     max_grad_norm: float = 5.0
-    vanishing_threshold: float = 1e-7
-    exploding_threshold: float = 1e3
+
+
+# ``grad_stats`` also counts vanishing/exploding elements, which the step never reads (it uses
+# the total norm for clipping and the non-finite counts); telemetry's gradient statistics use
+# the profile's thresholds instead. These only fill the kernel's arguments.
+_UNREAD_THRESHOLDS = (1e-7, 1e3)
 
 
 def _sgd_(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, lr: torch.Tensor, hp: StepHyper) -> None:
@@ -80,9 +84,7 @@ def train_step(
     )(params, trained)
     raw_host = g_host
     host_names = list(params)
-    stats = esper_kernels.grad_stats(
-        [g_host[k] for k in host_names], hp.vanishing_threshold, hp.exploding_threshold
-    )
+    stats = esper_kernels.grad_stats([g_host[k] for k in host_names], *_UNREAD_THRESHOLDS)
     g_host = _scale(g_host, esper_kernels.clip_coefficients(stats.total_norm, hp.max_grad_norm))
     seed_norms = []
     with torch.no_grad():

@@ -11,7 +11,6 @@ class EventKind(StrEnum):
     EPOCH = "epoch"
     LIFECYCLE = "lifecycle"
     DECISION = "decision"
-    GATE = "gate"
     EPISODE = "episode"
     PPO_UPDATE = "ppo_update"
     ANOMALY = "anomaly"

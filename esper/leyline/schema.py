@@ -14,7 +14,7 @@ from esper.leyline.actions import NUM_OPS
 from esper.leyline.constants import CANONICAL_SLOTS
 from esper.leyline.stages import SeedStage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: no alpha_target column (alpha always blends up to 1)
 
 # Base (per-env) features that are not histories.
 BASE_SCALARS: tuple[str, ...] = (
@@ -38,7 +38,6 @@ BASE_SCALARS: tuple[str, ...] = (
 
 SLOT_SCALARS: tuple[str, ...] = (
     "alpha",
-    "alpha_target",
     "contribution",
     "contribution_velocity",
     "contribution_measured",

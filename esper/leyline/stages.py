@@ -42,9 +42,26 @@ VALID_TRANSITIONS: dict[SeedStage, frozenset[SeedStage]] = {
     _S.RESETTING: frozenset({_S.DORMANT}),
 }
 
-# Stages in which a seed exists and computes (its module runs in forward).
+# Stage predicates, defined once here; every package reads these (never its own copy).
+#
+# LIVE: a seed exists and is not permanent yet, so it may be culled (GERMINATED..PROBATIONARY).
 LIVE_STAGES: frozenset[SeedStage] = frozenset(
     {_S.GERMINATED, _S.TRAINING, _S.BLENDING, _S.SHADOWING, _S.PROBATIONARY}
+)
+# PRESENT: the seed's parameters belong to the model (live or fossilized): seed counts, rent.
+PRESENT_STAGES: frozenset[SeedStage] = LIVE_STAGES | {_S.FOSSILIZED}
+# ISOLATED: the seed exists but does not reach the host yet (alpha 0, the host never sees its
+# gradient): GERMINATED and TRAINING, i.e. live and not yet blended.
+ISOLATED_STAGES: frozenset[SeedStage] = frozenset({_S.GERMINATED, _S.TRAINING})
+# COMPUTING: the seed's module runs in forward. A GERMINATED seed is allocated this epoch and
+# first computes at the next (G1 -> TRAINING is automatic at the epoch boundary).
+COMPUTING_STAGES: frozenset[SeedStage] = frozenset(
+    {_S.TRAINING, _S.BLENDING, _S.SHADOWING, _S.PROBATIONARY, _S.FOSSILIZED}
+)
+# MEASURED: the seed's output is blended in (alpha > 0), so its counterfactual contribution
+# (validation accuracy with the slot's alpha forced to 0 versus actual) is measured.
+MEASURED_STAGES: frozenset[SeedStage] = frozenset(
+    {_S.BLENDING, _S.SHADOWING, _S.PROBATIONARY, _S.FOSSILIZED}
 )
 FAILURE_STAGES: frozenset[SeedStage] = frozenset({_S.CULLED, _S.EMBARGOED, _S.RESETTING})
 TERMINAL_STAGES: frozenset[SeedStage] = frozenset({_S.FOSSILIZED, _S.CULLED})
@@ -81,6 +98,22 @@ def is_terminal_stage(stage: SeedStage | int) -> bool:
 
 def is_failure_stage(stage: SeedStage | int) -> bool:
     return SeedStage(stage) in FAILURE_STAGES
+
+
+def is_live(stage: SeedStage | int) -> bool:
+    return SeedStage(stage) in LIVE_STAGES
+
+
+def is_isolated(stage: SeedStage | int) -> bool:
+    return SeedStage(stage) in ISOLATED_STAGES
+
+
+def is_computing(stage: SeedStage | int) -> bool:
+    return SeedStage(stage) in COMPUTING_STAGES
+
+
+def is_measured(stage: SeedStage | int) -> bool:
+    return SeedStage(stage) in MEASURED_STAGES
 
 
 def transition_table(device: torch.device | str | None = None) -> torch.Tensor:

@@ -20,12 +20,13 @@ from esper.nissa.backends import (
 )
 from esper.nissa.config import (
     PROFILE_NAMES,
-    PROFILES_DIR,
     ProfileError,
     TelemetryConfig,
     apply_overrides,
+    available_profiles,
     load_profile,
     load_profile_file,
+    profiles_dir,
 )
 from esper.nissa.diagnostics import (
     DiagnosticTracker,
@@ -36,7 +37,7 @@ from esper.nissa.diagnostics import (
     weight_norms,
 )
 from esper.nissa.hub import Backend, NissaHub
-from esper.nissa.materialize import epoch_event, materialize
+from esper.nissa.materialize import TRANSFERS, TransferCounter, epoch_event, materialize
 from esper.nissa.narratives import (
     EnvBrief,
     NarrativeRules,
@@ -50,8 +51,8 @@ from esper.nissa.syncs import SyncCount, count_host_syncs
 __all__ = [
     "BACKEND_NAMES",
     "PHASES",
-    "PROFILES_DIR",
     "PROFILE_NAMES",
+    "TRANSFERS",
     "AnomalyMonitor",
     "Backend",
     "BlueprintAnalytics",
@@ -70,9 +71,11 @@ __all__ = [
     "TelemetryConfig",
     "TensorBoardBackend",
     "TrainingHistory",
+    "TransferCounter",
     "ValueCollapseDetector",
     "activation_stats",
     "apply_overrides",
+    "available_profiles",
     "build_briefs",
     "check_lstm_health",
     "check_ratio_explosion",
@@ -88,6 +91,7 @@ __all__ = [
     "materialize",
     "per_class_metrics",
     "phase",
+    "profiles_dir",
     "trace_run",
     "weight_norms",
 ]

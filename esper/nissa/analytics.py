@@ -90,12 +90,6 @@ class BlueprintAnalytics:
                 s.acc_delta_sum += float(p["accuracy_delta"])
                 s.acc_delta_count += 1
 
-    def record_many(self, events: list[TelemetryEvent]) -> None:
-        """Record every LifecycleEvent in ``events``; others are ignored."""
-        for e in events:
-            if isinstance(e, LifecycleEvent):
-                self.record(e)
-
     def summary(self) -> str:
         """A rich table rendered as plain text."""
         table = Table(title="Blueprint analytics")

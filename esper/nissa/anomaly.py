@@ -17,6 +17,7 @@ from esper.leyline.events import AnomalyEvent, EventKind
 from esper.nissa.config import TelemetryConfig, load_profile
 
 INFO, WARNING, SEVERE = "info", "warning", "severe"
+PPO_SCOPE = "ppo_update"  # payload["scope"] of events about a PPO update, not a host env
 
 
 def _event(
@@ -315,6 +316,14 @@ class AnomalyMonitor:
         return events
 
     def check_ppo_update(self, stats: Mapping[str, float], step: int) -> list[AnomalyEvent]:
+        """Policy-level checks of one PPO update: events have no env (-1), ``epoch`` is the
+        update ``step`` and ``payload["scope"]`` is ``"ppo_update"``."""
+        events = self._check_ppo_update(stats, step)
+        for e in events:
+            e.payload["scope"] = PPO_SCOPE
+        return events
+
+    def _check_ppo_update(self, stats: Mapping[str, float], step: int) -> list[AnomalyEvent]:
         events = []
         if "explained_variance" in stats:
             events += self.value_collapse.update(stats["explained_variance"], step)
@@ -341,8 +350,11 @@ class AnomalyMonitor:
 class EscalationState:
     """Picks the active TelemetryConfig per epoch; severe anomalies escalate for a while.
 
-    An escalating event at epoch ``e`` makes epochs ``e+1 .. e+escalation_epochs`` use the
-    base profile's ``escalate_to`` profile (no-op when that is null).
+    It keeps its own clock, the number of epochs observed (``observe`` is called once per
+    epoch, with or without events), so a caller's epoch numbering (per-episode epochs that
+    restart, or a global step) cannot disagree with it. An escalating event observed after
+    an epoch makes the next ``escalation_epochs`` epochs use the base profile's
+    ``escalate_to`` profile (no-op when that is null).
     """
 
     def __init__(
@@ -352,23 +364,37 @@ class EscalationState:
         self.escalated: TelemetryConfig | None = (
             loader(base.escalate_to) if base.escalate_to else None
         )
-        self.until = -1
+        self.observed = 0  # epochs observed so far = index of the next epoch
+        self.until = -1  # last epoch index (own clock) that runs escalated
         self.reasons: list[str] = []
+        self.since_epoch: int | None = None  # the caller's epoch label of the last escalation
 
-    def observe(self, events: Iterable[AnomalyEvent], epoch: int) -> bool:
-        """Escalate on any event whose payload asks for it; returns whether it escalated now."""
+    def observe(self, events: Iterable[AnomalyEvent], epoch: int | None = None) -> bool:
+        """Close one epoch: escalate on any event whose payload asks for it.
+
+        ``epoch`` is the caller's label for it, kept for the record only. Returns whether it
+        escalated now.
+        """
+        self.observed += 1
         asked = [e for e in events if e.payload.get("escalate")]
         if not asked or self.escalated is None:
             return False
-        self.until = max(self.until, epoch + self.base.escalation_epochs)
+        self.until = max(self.until, self.observed + self.base.escalation_epochs - 1)
         self.reasons = [f"{e.detector}: {e.message}" for e in asked]
+        self.since_epoch = epoch
         return True
 
-    def is_escalated(self, epoch: int) -> bool:
-        return self.escalated is not None and epoch <= self.until
+    def is_escalated(self) -> bool:
+        """Whether the next epoch runs the escalated profile."""
+        return self.escalated is not None and self.observed <= self.until
 
-    def config_for(self, epoch: int) -> TelemetryConfig:
-        """The profile to use for ``epoch``."""
-        if self.is_escalated(epoch) and self.escalated is not None:
+    @property
+    def epochs_left(self) -> int:
+        """Epochs, the next one included, still to run escalated."""
+        return max(0, self.until - self.observed + 1) if self.escalated is not None else 0
+
+    def config_for_next(self) -> TelemetryConfig:
+        """The profile for the next epoch (the one after the last ``observe``)."""
+        if self.is_escalated() and self.escalated is not None:
             return self.escalated
         return self.base

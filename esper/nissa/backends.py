@@ -14,6 +14,7 @@ import numpy as np
 from rich.console import Console
 
 from esper.leyline.events import AnomalyEvent, EventKind, TelemetryEvent
+from esper.nissa.anomaly import PPO_SCOPE
 from esper.nissa.hub import Backend
 
 BACKEND_NAMES: tuple[str, ...] = ("console", "jsonl", "tensorboard")
@@ -39,6 +40,16 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, str) or value is None:
         return value
     return str(value)
+
+
+def where(event: TelemetryEvent) -> str:
+    """Where an event happened, for humans: ``epoch E env I``; ``epoch E`` for a run-wide
+    event (env -1); ``ppo update U`` for a PPO update's anomaly (its epoch is the update)."""
+    if event.env >= 0:
+        return f"epoch {event.epoch} env {event.env}"
+    if event.payload.get("scope") == PPO_SCOPE:
+        return f"ppo update {event.epoch}"
+    return f"epoch {event.epoch}"
 
 
 def _mean(arr: np.ndarray) -> float:
@@ -82,7 +93,7 @@ class ConsoleBackend:
             if sev != "info" or v >= 3:
                 style = "bold red" if sev == "severe" else "yellow"
                 msg = event.message if isinstance(event, AnomalyEvent) else event.payload
-                self.console.print(f"[{style}]epoch {event.epoch} env {event.env} {sev}: {msg}[/]")
+                self.console.print(f"[{style}]{where(event)} {sev}: {msg}[/]")
         elif kind is EventKind.EPISODE:
             self.console.print(f"[bold]episode[/] {self._scalar_summary(event.payload, None)}")
         elif kind is EventKind.EPOCH and v >= 1:
@@ -100,14 +111,14 @@ class ConsoleBackend:
                 for i in range(n):
                     line = self._scalar_summary(event.payload, i)
                     self.console.print(f"  env {i}: {line}", highlight=False)
-        elif kind in (EventKind.LIFECYCLE, EventKind.PPO_UPDATE, EventKind.GATE) and v >= 1:
+        elif kind in (EventKind.LIFECYCLE, EventKind.PPO_UPDATE) and v >= 1:
             body = {k: val for k, val in event.to_dict().items() if k not in ("kind", "epoch")}
             self.console.print(f"{kind.value} epoch {event.epoch}: {to_jsonable(body)}")
         elif kind in (EventKind.DECISION, EventKind.NARRATIVE) and v >= 2:
             text = event.payload.get("text") if kind is EventKind.NARRATIVE else None
             if text is None:
                 text = to_jsonable(event.to_dict())
-            self.console.print(f"{kind.value} epoch {event.epoch} env {event.env}: {text}")
+            self.console.print(f"{kind.value} {where(event)}: {text}")
         elif v >= 3:
             table = event.payload.get("table")
             if isinstance(table, str):

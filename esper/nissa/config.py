@@ -1,17 +1,26 @@
-"""Telemetry profiles: one pydantic model, YAML files under ``profiles/``, CLI overrides."""
+"""Telemetry profiles: one pydantic model, YAML files shipped as package data, CLI overrides.
+
+The named profiles are package data (``esper/nissa/profiles/*.yaml``), read through
+``importlib.resources`` so they load from an installed wheel as well as from a checkout; the
+repository's top-level ``profiles/`` holds identical copies (a test keeps them in sync).
+"""
 
 from __future__ import annotations
 
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-import esper
-
-PROFILES_DIR: Path = Path(esper.__file__).resolve().parents[1] / "profiles"
 PROFILE_NAMES: tuple[str, ...] = ("minimal", "standard", "diagnostic", "research")
+
+
+def profiles_dir() -> Traversable:
+    """The packaged profile directory (``esper.nissa``'s ``profiles/``), wherever installed."""
+    return resources.files("esper.nissa").joinpath("profiles")
 
 
 class ProfileError(ValueError):
@@ -124,11 +133,11 @@ def validate_config(data: Any, source: str) -> TelemetryConfig:
         raise ProfileError(f"{source}: {_format_errors(err)}") from err
 
 
-def load_profile_file(path: str | Path) -> TelemetryConfig:
-    """Load and validate one YAML profile file."""
-    p = Path(path)
+def load_profile_file(path: str | Path | Traversable) -> TelemetryConfig:
+    """Load and validate one YAML profile file (a path or an ``importlib.resources`` file)."""
+    p = path if isinstance(path, Traversable) else Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as err:
         raise ProfileError(f"cannot read profile file {p}: {err}") from err
     except yaml.YAMLError as err:
@@ -136,12 +145,16 @@ def load_profile_file(path: str | Path) -> TelemetryConfig:
     return validate_config(data if data is not None else {}, str(p))
 
 
+def available_profiles() -> list[str]:
+    """Names of the packaged profiles."""
+    return sorted(q.name[: -len(".yaml")] for q in profiles_dir().iterdir() if q.name.endswith(".yaml"))
+
+
 def load_profile(name: str) -> TelemetryConfig:
-    """Load a named profile from the repository's ``profiles/`` directory."""
-    path = PROFILES_DIR / f"{name}.yaml"
+    """Load a named profile from the package data (``esper/nissa/profiles/<name>.yaml``)."""
+    path = profiles_dir().joinpath(f"{name}.yaml")
     if not path.is_file():
-        available = sorted(q.stem for q in PROFILES_DIR.glob("*.yaml"))
-        raise ProfileError(f"unknown telemetry profile {name!r}; available: {available}")
+        raise ProfileError(f"unknown telemetry profile {name!r}; available: {available_profiles()}")
     return load_profile_file(path)
 
 

@@ -25,6 +25,19 @@ _NP_DTYPES: dict[torch.dtype, Any] = {
 }
 
 
+class TransferCounter:
+    """Device-to-host transfers made by :func:`materialize`, counted where they happen."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __repr__(self) -> str:
+        return f"TransferCounter(count={self.count})"
+
+
+TRANSFERS = TransferCounter()
+
+
 def _leaf_key(key: str | tuple[str, ...]) -> str:
     return key if isinstance(key, str) else ".".join(key)
 
@@ -44,6 +57,7 @@ def materialize(td: TensorDictBase) -> dict[str, np.ndarray]:
     wide = torch.float32 if device.type == "mps" else torch.float64
     flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=wide) for t in leaves])
     host = flat.numpy(force=True)
+    TRANSFERS.count += 1
     sizes = [t.numel() for t in leaves]
     offsets = np.cumsum(sizes)[:-1]
     out: dict[str, np.ndarray] = {}

@@ -7,30 +7,58 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from esper.leyline import GateReason, Reason, reason_from_name
 from esper.leyline.events import DecisionEvent, EventKind, TelemetryEvent
 
 LOSS_KEYS: tuple[str, ...] = ("metrics.val_loss", "metrics.train_loss")
 ACC_KEY = "metrics.val_accuracy"
 
-# Human phrasing for decision reason codes (GateReason names and heuristic reasons).
-REASON_TEXT: dict[str, str] = {
-    "PASSED": "its gate passed",
-    "WRONG_STAGE": "the seed is not in the stage this action needs",
-    "NO_FREE_SLOT": "no slot is free",
-    "TOO_FEW_EPOCHS": "the seed has not spent enough epochs in its stage",
-    "GRADIENT_UNHEALTHY": "seed gradients are unhealthy (NaN or exploding)",
-    "GRADIENT_RATIO_LOW": "seed gradient norm is too small relative to the host",
-    "NO_IMPROVEMENT": "the seed has not improved the host enough",
-    "ALPHA_NOT_REACHED": "blending has not reached its target alpha",
-    "REGRESSION": "accuracy regressed while shadowing",
-    "CONTRIBUTION_LOW": "the counterfactual contribution is below the threshold",
-    "EMBARGOED": "the slot is embargoed after a cull",
-    "PLATEAU": "validation has plateaued",
-    "WARMUP": "still in warm-up",
-    "RECENT_CULL": "a seed was culled recently",
-    "ACCURACY_DROP": "accuracy dropped past the cull threshold",
-    "POLICY": "the learned policy chose it",
+# Human phrasing of the decision reason codes controllers send (``leyline.Reason``; the
+# runner reports them by name, ``REASONS[code]``) and of the gates' reason codes.
+REASON_TEXT: dict[Reason, str] = {
+    Reason.WAIT_WARMUP: "still in warm-up",
+    Reason.WAIT_SEED_LIVE: "a seed is still in isolated training or live",
+    Reason.WAIT_NO_PLATEAU: "validation has not plateaued",
+    Reason.WAIT_COOLDOWN: "a seed was culled recently",
+    Reason.WAIT_NO_SLOT: "no slot is free",
+    Reason.WAIT_MAX_SEEDS: "the env holds as many seeds as allowed",
+    Reason.GERMINATE_PLATEAU: "validation has plateaued",
+    Reason.ADVANCE_GATE_PASSED: "its gate passed",
+    Reason.CULL_ACC_DROP: "accuracy dropped past the cull threshold",
+    Reason.FOSSILIZE_CONTRIBUTION: "its counterfactual contribution is above the threshold",
+    Reason.CULL_LOW_CONTRIBUTION: "its counterfactual contribution stayed below the threshold",
+    Reason.WAIT_SCHEDULE: "no germination is scheduled this epoch",
+    Reason.GERMINATE_SCHEDULE: "the fixed schedule germinates this epoch",
+    Reason.RANDOM: "a random legal action was drawn",
+    Reason.STATIC: "the static baseline never grows",
 }
+GATE_REASON_TEXT: dict[GateReason, str] = {
+    GateReason.PASSED: "its gate passed",
+    GateReason.WRONG_STAGE: "the seed is not in the stage this action needs",
+    GateReason.NO_FREE_SLOT: "no slot is free",
+    GateReason.TOO_FEW_EPOCHS: "the seed has not spent enough epochs in its stage",
+    GateReason.GRADIENT_UNHEALTHY: "seed gradients are unhealthy (NaN or exploding)",
+    GateReason.GRADIENT_RATIO_LOW: "seed gradient norm is too small relative to the host",
+    GateReason.NO_IMPROVEMENT: "the seed has not improved the host enough",
+    GateReason.ALPHA_NOT_REACHED: "blending has not reached full alpha",
+    GateReason.REGRESSION: "accuracy regressed while shadowing",
+    GateReason.CONTRIBUTION_LOW: "the counterfactual contribution is below the threshold",
+    GateReason.EMBARGOED: "the slot is embargoed after a cull",
+}
+
+
+def reason_text(reason: Reason | GateReason | str) -> str:
+    """Words for a reason code or its name (``"germinate_plateau"``, either case); an unknown
+    name is returned as it is."""
+    if isinstance(reason, Reason):
+        return REASON_TEXT[reason]
+    if isinstance(reason, GateReason):
+        return GATE_REASON_TEXT[reason]
+    code = reason_from_name(reason)
+    if code is not None:
+        return REASON_TEXT[code]
+    gate = GateReason.__members__.get(reason.strip().upper())
+    return GATE_REASON_TEXT[gate] if gate is not None else reason
 
 
 class TrainingHistory:
@@ -119,8 +147,8 @@ class NarrativeRules:
     regression_drop: float = 0.02
 
 
-def _loss_trend(series: np.ndarray | None, rules: NarrativeRules) -> tuple[str, bool]:
-    """(description, plateaued) for one env's loss history."""
+def _loss_trend(series: np.ndarray | None, rules: NarrativeRules, k: int) -> tuple[str, bool]:
+    """(description, plateaued) for one env's loss history; ``k``: the plateau window."""
     if series is None or series.shape[0] < 2:
         return "not enough history", False
     if not np.all(np.isfinite(series[-1:])):
@@ -135,7 +163,6 @@ def _loss_trend(series: np.ndarray | None, rules: NarrativeRules) -> tuple[str, 
         else "flat"
     )
     plateau = False
-    k = rules.plateau_epochs
     if series.shape[0] > k:
         window = series[-(k + 1) :]
         best_before = window[0]
@@ -159,6 +186,9 @@ def build_briefs(
     ``free_slots`` ([N] ints) enables the "free slot with healthy gradients" opportunity.
     """
     rules = rules or NarrativeRules()
+    # The plateau window fits the history the profile keeps (minimal keeps 5 epochs: a window
+    # of 4 epochs after a reference one), else the flag could never fire.
+    window = max(1, min(rules.plateau_epochs, history.length - 1))
     loss_key = next((k for k in LOSS_KEYS if history.get(k) is not None), None)
     losses = history.get(loss_key) if loss_key else None
     acc = history.get(ACC_KEY)
@@ -171,11 +201,9 @@ def build_briefs(
     for i in range(n):
         flags: list[str] = []
         opps: list[str] = []
-        trend, plateau = _loss_trend(losses[:, i] if losses is not None else None, rules)
+        trend, plateau = _loss_trend(losses[:, i] if losses is not None else None, rules, window)
         if plateau:
-            flags.append(
-                f"sustained plateau: no loss improvement for {rules.plateau_epochs} epochs"
-            )
+            flags.append(f"sustained plateau: no loss improvement for {window} epochs")
         latest = [snapshot[k][i] for k in (*LOSS_KEYS, ACC_KEY) if k in snapshot]
         if (nonfinite is not None and np.sum(nonfinite[i]) > 0) or not np.all(np.isfinite(latest)):
             flags.append("NaN/Inf in loss or gradients")
@@ -213,10 +241,10 @@ def build_briefs(
 
 
 def explain_decision(
-    decision: DecisionEvent, reasons: Sequence[str], brief: EnvBrief | None = None
+    decision: DecisionEvent, reasons: Sequence[str | Reason], brief: EnvBrief | None = None
 ) -> TelemetryEvent:
     """Why a decision was taken: reason codes in words, with the env's red flags for context."""
-    words = [REASON_TEXT.get(r.upper(), r) for r in reasons] or ["no reason given"]
+    words = [reason_text(r) for r in reasons] or ["no reason given"]
     verdict = "accepted" if decision.accepted else "refused"
     text = (
         f"env {decision.env} epoch {decision.epoch}: {decision.action} ({verdict}) because "
@@ -232,6 +260,6 @@ def explain_decision(
             "text": text,
             "action": decision.action,
             "accepted": decision.accepted,
-            "reasons": list(reasons),
+            "reasons": [r.name.lower() if isinstance(r, Reason) else r for r in reasons],
         },
     )

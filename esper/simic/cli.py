@@ -15,16 +15,19 @@ from esper.nissa import (
     make_backends,
 )
 from esper.nissa.profiling import trace_run
-from esper.simic.config import TrainingConfig
+from esper.simic.config import TrainingConfig, merge_config
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", help="named configuration preset")
-    p.add_argument("--config", type=Path, help="JSON/YAML TrainingConfig (overrides the preset)")
+    p.add_argument("--config", type=Path,
+                   help="JSON/YAML TrainingConfig, applied over the preset (its values win)")
     p.add_argument("--envs", type=int, help="envs trained at once")
     p.add_argument("--episodes", type=int, help="episodes per env")
     p.add_argument("--episode-length", type=int, help="epochs per episode")
     p.add_argument("--seed", type=int, help="base seed of the hosts")
+    p.add_argument("--task-seed", type=int,
+                   help="seed of the synthetic task's data (train/val/test images); tune on one, report on others")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--telemetry", help="telemetry profile name (minimal..research)")
@@ -39,31 +42,45 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> TrainingConfig:
-    """Preset, then file, then command-line flags; validated at every stage."""
-    cfg = TrainingConfig.load(args.config) if args.config else TrainingConfig.preset(args.preset)
+    """The preset, the file on top of it, then command-line flags; each validated.
+
+    ``--preset P --config F`` applies F over preset P (the file wins where both set a value).
+    Only values somebody wrote are merged, never a dump with every default filled in, so a
+    default still counts as unset afterwards (e.g. the fixed schedule's default epochs are not
+    checked against a shorter ``--episode-length``).
+    """
+    data = TrainingConfig.preset(args.preset).user_set()
+    if args.config:
+        data = merge_config(data, TrainingConfig.load(args.config).user_set())
+    flags: dict[str, dict[str, object]] = {}
     episode = {k: v for k, v in (("envs", args.envs), ("episodes", args.episodes),
                                  ("length", args.episode_length), ("seed", args.seed)) if v is not None}
+    if episode:
+        flags["episode"] = episode
+    if args.task_seed is not None:
+        flags["task"] = {"seed": args.task_seed}
     telemetry: dict[str, object] = {}
     if args.telemetry:
         telemetry["profile"] = args.telemetry
     if args.telemetry_file:
         telemetry["profile_file"] = str(args.telemetry_file)
     if args.telemetry_set:
-        telemetry["overrides"] = list(cfg.telemetry.overrides) + list(args.telemetry_set)
+        telemetry["overrides"] = list(data.get("telemetry", {}).get("overrides", [])) + list(args.telemetry_set)
     if args.backends:
         telemetry["backends"] = [b for b in args.backends.split(",") if b]
-    data = cfg.model_dump()
-    data["episode"].update(episode)
-    data["telemetry"].update(telemetry)
+    if telemetry:
+        flags["telemetry"] = telemetry
+    top: dict[str, object] = {}
     if args.device:
-        data["device"] = args.device
+        top["device"] = args.device
     if args.compile:
-        data["compile"] = True
+        top["compile"] = True
     if args.run_dir:
-        data["run_dir"] = args.run_dir
-    if data["ppo"]["minibatch_envs"] > data["episode"]["envs"]:
-        data["ppo"]["minibatch_envs"] = data["episode"]["envs"]
-    return TrainingConfig.from_dict(data, "command line")
+        top["run_dir"] = args.run_dir
+    cfg = TrainingConfig.from_dict(merge_config(data, {**flags, **top}), "command line")
+    if cfg.ppo.minibatch_envs > cfg.episode.envs:
+        cfg = cfg.updated(ppo={"minibatch_envs": cfg.episode.envs})
+    return cfg
 
 
 def telemetry_profile(cfg: TrainingConfig) -> TelemetryConfig:

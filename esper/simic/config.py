@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from esper.kasmina.gates import GateConfig
 from esper.leyline import CANONICAL_SLOTS
-from esper.tamiyo.config import FixedScheduleConfig, HeuristicConfig
+from esper.tamiyo.config import FeatureConfig, FixedScheduleConfig, HeuristicConfig
 
 
 class ConfigError(ValueError):
@@ -28,6 +28,7 @@ class TaskConfig(_Strict):
     name: Literal["synthetic", "cifar10"] = "synthetic"
     train_size: int | None = Field(2048, ge=1)
     val_size: int | None = Field(512, ge=1)
+    test_size: int | None = Field(1024, ge=1, description="held-out images results are reported on")
     image_size: int = Field(16, ge=5, description="synthetic only")
     num_classes: int = Field(10, ge=2, description="synthetic only")
     seed: int = Field(0, ge=0, description="synthetic data seed")
@@ -45,12 +46,15 @@ class TaskConfig(_Strict):
                 kw["train_size"] = self.train_size
             if self.val_size is not None:
                 kw["val_size"] = self.val_size
+            if self.test_size is not None:
+                kw["test_size"] = self.test_size
             return kw
         return {
             "root": self.data_dir,
             "download": self.download,
             "train_size": self.train_size,
             "val_size": self.val_size,
+            "test_size": self.test_size,
         }
 
 
@@ -71,6 +75,9 @@ class KasminaSection(_Strict):
         "cosine", description="host lr over each episode: constant, or cosine decay to lr_min_frac"
     )
     lr_min_frac: float = Field(0.05, ge=0.0, le=1.0)
+    alpha_schedule: Literal["linear", "cosine", "sigmoid"] = Field(
+        "linear", description="shape of the alpha ramp while a seed blends in (over its tempo)"
+    )
     gates: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")
@@ -111,14 +118,13 @@ class RewardConfig(_Strict):
     fossilize_cost: float = Field(0.005, ge=0.0)
     fossilize_bonus: float = Field(0.1, ge=0.0)
     terminal: float = Field(1.0, ge=0.0, description="times final val accuracy (fraction)")
-    gamma: float = Field(0.99, gt=0.0, le=1.0, description="shaping discount (use PPO's)")
 
 
 class PPOConfig(_Strict):
     """Settings of the LSTM-PPO learner (consumed by simic.ppo)."""
 
     lr: float = Field(3e-4, gt=0.0)
-    gamma: float = Field(0.99, gt=0.0, le=1.0)
+    gamma: float = Field(0.99, gt=0.0, le=1.0, description="the one discount: PPO's and reward shaping's")
     gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
     clip_epsilon: float = Field(0.2, gt=0.0, lt=1.0)
     epochs: int = Field(4, ge=1)
@@ -128,6 +134,10 @@ class PPOConfig(_Strict):
     )
     value_coef: float = Field(0.5, ge=0.0)
     max_grad_norm: float = Field(0.5, gt=0.0)
+    target_kl: float | None = Field(0.03, gt=0.0, description="stop a round's passes once their mean KL exceeds this")
+    lr_final_frac: float = Field(0.1, ge=0.0, le=1.0, description="lr decays linearly to lr * this by the last round")
+    entropy_final_frac: float = Field(0.3, ge=0.0, le=1.0,
+                                      description="entropy coefficients decay linearly to this fraction by the last round")
     hidden_size: int = Field(128, ge=1)
     lstm_hidden_size: int = Field(128, ge=1)
     rounds: int = Field(10, ge=1)
@@ -160,37 +170,48 @@ class TrainingConfig(_Strict):
     heuristic: HeuristicConfig = Field(default_factory=HeuristicConfig)
     fixed: FixedScheduleConfig = Field(default_factory=FixedScheduleConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     history_length: int = Field(4, ge=1, description="observation history (epochs)")
     device: str = "cpu"
     compile: bool = False
     run_dir: str = "runs/latest"
 
-    @model_validator(mode="after")
-    def _cross(self) -> TrainingConfig:
-        if self.heuristic.warmup_epochs >= self.episode.length:
-            raise ValueError(
-                f"heuristic.warmup_epochs ({self.heuristic.warmup_epochs}) must be below "
-                f"episode.length ({self.episode.length})"
-            )
-        if self.heuristic.plateau_epochs >= self.history_length:
-            raise ValueError(
-                f"heuristic.plateau_epochs ({self.heuristic.plateau_epochs}) must be below "
-                f"history_length ({self.history_length}): the plateau is judged from that history"
-            )
-        if self.ppo.minibatch_envs > self.episode.envs:
-            raise ValueError(
+    def check_for(self, policy: str) -> TrainingConfig:
+        """Refuse settings that the controller ``policy`` (a registry name) cannot run with.
+
+        A policy's own section is checked only when that policy runs: a PPO run does not fail
+        on a heuristic threshold. Called by ``tamiyo.policies.make_policy`` (and by whoever
+        builds a controller another way, e.g. the PPO trainer); returns ``self``.
+        """
+        problems: list[str] = []
+        h, length = self.heuristic, self.episode.length
+        if policy == "heuristic":
+            if h.warmup_epochs >= length:
+                problems.append(
+                    f"heuristic.warmup_epochs ({h.warmup_epochs}) must be below episode.length ({length})"
+                )
+            if h.plateau_epochs >= self.history_length:
+                problems.append(
+                    f"heuristic.plateau_epochs ({h.plateau_epochs}) must be below history_length "
+                    f"({self.history_length}): the plateau is judged from that history"
+                )
+            if h.blueprints is not None and self.kasmina.blueprints is not None:
+                missing = [b for b in h.blueprints if b not in self.kasmina.blueprints]
+                if missing:
+                    problems.append(f"heuristic.blueprints {missing} are not in kasmina.blueprints")
+        elif policy == "fixed":
+            # Only a schedule the user wrote is checked: the default's later epochs simply do
+            # not fire in a shorter episode.
+            late = [e for e in self.fixed.epochs if e >= length]
+            if late and "epochs" in self.fixed.model_fields_set:
+                problems.append(f"fixed.epochs {late} are not below episode.length ({length})")
+        elif policy in ("ppo", "ppo_sample") and self.ppo.minibatch_envs > self.episode.envs:
+            problems.append(
                 f"ppo.minibatch_envs ({self.ppo.minibatch_envs}) exceeds episode.envs ({self.episode.envs})"
             )
-        if self.heuristic.blueprints is not None and self.kasmina.blueprints is not None:
-            missing = [b for b in self.heuristic.blueprints if b not in self.kasmina.blueprints]
-            if missing:
-                raise ValueError(f"heuristic.blueprints {missing} are not in kasmina.blueprints")
-        # Only a schedule the user wrote is checked: the default's later epochs simply do not
-        # fire in a shorter episode.
-        late = [e for e in self.fixed.epochs if e >= self.episode.length]
-        if late and "epochs" in self.fixed.model_fields_set:
-            raise ValueError(f"fixed.epochs {late} are not below episode.length ({self.episode.length})")
+        if problems:
+            raise ConfigError(f"config for policy {policy!r}: " + "; ".join(problems))
         return self
 
     # ------------------------------------------------------------------------- loading
@@ -223,17 +244,31 @@ class TrainingConfig(_Strict):
             raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
         return cls.from_dict(PRESETS[name], f"preset {name}")
 
-    def updated(self, **sections: dict[str, Any]) -> TrainingConfig:
-        """A re-validated copy with some fields of some sections replaced."""
-        data = self.model_dump()
-        for section, values in sections.items():
-            if section not in data:
-                raise ConfigError(f"unknown config section {section!r}")
-            if isinstance(data[section], dict):
-                data[section].update(values)
-            else:
-                data[section] = values
-        return TrainingConfig.from_dict(data, "overrides")
+    def user_set(self) -> dict[str, Any]:
+        """Only the values somebody wrote (preset, file, flags), nested: never a default.
+
+        Re-validating this (merged with more user values) keeps defaults unset, so rules such
+        as "only a schedule the user wrote is checked" still hold after a merge.
+        """
+        return self.model_dump(exclude_unset=True)
+
+    def updated(self, **sections: Any) -> TrainingConfig:
+        """A re-validated copy with some fields of some sections replaced (the rest as set)."""
+        unknown = sorted(set(sections) - set(type(self).model_fields))
+        if unknown:
+            raise ConfigError(f"unknown config section {unknown[0]!r}")
+        return TrainingConfig.from_dict(merge_config(self.user_set(), sections), "overrides")
+
+
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, section by section (nested mappings merge, values replace)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _format(err: ValidationError) -> str:
@@ -260,13 +295,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "hidden_size": 64, "lstm_hidden_size": 64, "rounds": 5},
     },
     "cifar10": {
-        "task": {"name": "cifar10", "train_size": None, "val_size": None},
+        "task": {"name": "cifar10", "train_size": None, "val_size": 5000, "test_size": None},
         "kasmina": {"host": "baseline", "batch_size": 128, "val_batch_size": 1000},
         "episode": {"length": 25, "envs": 16},
         "heuristic": {"warmup_epochs": 5, "plateau_epochs": 3},
     },
     "cifar10_deep": {
-        "task": {"name": "cifar10", "train_size": None, "val_size": None},
+        "task": {"name": "cifar10", "train_size": None, "val_size": 5000, "test_size": None},
         "kasmina": {"host": "deep", "batch_size": 128, "val_batch_size": 1000},
         "episode": {"length": 40, "envs": 16},
         "heuristic": {"warmup_epochs": 8, "plateau_epochs": 3},

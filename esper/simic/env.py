@@ -1,11 +1,16 @@
 """The torchrl environment: N morphogenetic host runs, one step = one host epoch.
 
 Output per step (batch ``[N]``): ``observation [N, F]`` (ObservationSchema layout), the four
-action masks, ``signals`` (raw Kasmina signals policies read), ``tracker`` (on-device history
-counters), ``reward [N, 1]``, ``reward_components`` and ``done/terminated/truncated [N, 1]``.
-Actions are four categorical heads ``op, slot, blueprint, tempo``. Episodes are truncated
+action masks, ``signals`` (raw Kasmina signals policies read: train and validation only),
+``tracker`` (on-device history counters), ``reward [N, 1]``, ``reward_components`` and
+``done/terminated/truncated [N, 1]``. Actions are four categorical heads ``op, slot,
+blueprint, tempo`` (plus an optional ``reason`` code for telemetry). Episodes are truncated
 after ``episode.length`` epochs; ``_reset`` honours the ``"_reset"`` mask, so finished envs
 get fresh hosts while the others continue.
+
+Every step runs the whole epoch pipeline (:mod:`esper.simic.pipeline`): its one host transfer,
+telemetry, test scoring and the next epoch's plan, whichever driver calls ``step``. That
+snapshot also answers torchrl's "is any env done?" on the host, without another sync.
 """
 
 from __future__ import annotations
@@ -18,38 +23,25 @@ from torchrl.envs import EnvBase
 from esper import rng
 from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
 from esper.kasmina.step import StepHyper
-from esper.leyline import NUM_GATES, NUM_OPS, TEMPOS, ObservationSchema, Op, SeedStage
+from esper.leyline import (
+    HEADS,
+    NUM_GATES,
+    NUM_OPS,
+    SIGNAL_KEYS,
+    TEMPOS,
+    ObservationSchema,
+    Op,
+    SeedStage,
+)
+from esper.nissa import NissaHub, TelemetryConfig
 from esper.simic.config import TrainingConfig
+from esper.simic.pipeline import EpochPipeline, reason_or_unknown
 from esper.simic.rewards import RewardComponents, ShapedReward
 from esper.tamiyo.features import FeatureBuilder, new_tracker
 from esper.tamiyo.masks import MASK_KEYS, action_masks
 from esper.tasks import TaskData, load_task
 
-ACTION_KEYS: tuple[str, ...] = ("op", "slot", "blueprint", "tempo")
-# Kasmina signals exposed to policies: name -> (per-env trailing shape kind, dtype).
-SIGNAL_KEYS: dict[str, tuple[str, torch.dtype]] = {
-    "train_loss": ("env", torch.float32),
-    "train_acc": ("env", torch.float32),
-    "val_loss": ("env", torch.float32),
-    "val_acc": ("env", torch.float32),
-    "host_grad_norm": ("env", torch.float32),
-    "params_added": ("env", torch.float32),
-    "flops_added": ("env", torch.float32),
-    "action_accepted": ("env", torch.bool),
-    "epoch": ("env", torch.long),
-    "seed_grad_norm": ("slot", torch.float32),
-    "val_acc_without": ("slot", torch.float32),
-    "contribution": ("slot", torch.float32),
-    "alpha": ("slot", torch.float32),
-    "germinated": ("slot", torch.bool),
-    "embargoed": ("slot", torch.bool),
-    "stage_before": ("slot", torch.long),
-    "stage": ("slot", torch.long),
-    "blueprint": ("slot", torch.long),
-    "epochs_in_stage": ("slot", torch.long),
-    "seed_age": ("slot", torch.long),
-    "gate_pass": ("gate", torch.bool),
-}
+ACTION_KEYS: tuple[str, ...] = HEADS
 
 
 def kasmina_config(cfg: TrainingConfig) -> KasminaConfig:
@@ -67,6 +59,7 @@ def kasmina_config(cfg: TrainingConfig) -> KasminaConfig:
         compile=cfg.compile,
         lr_horizon=cfg.episode.length if k.lr_schedule == "cosine" else 0,
         lr_min_frac=k.lr_min_frac,
+        alpha_schedule=k.alpha_schedule,
     )
 
 
@@ -91,6 +84,8 @@ class MorphogeneticEnv(EnvBase):
         n_envs: int | None = None,
         base_seed: int | None = None,
         env_offset: int = 0,
+        profile: TelemetryConfig | None = None,
+        hub: NissaHub | None = None,
     ) -> None:
         task = task if task is not None else load_config_task(cfg)
         n = n_envs if n_envs is not None else cfg.episode.envs
@@ -100,19 +95,18 @@ class MorphogeneticEnv(EnvBase):
         self.n = n
         self.episode_length = cfg.episode.length
         self.kasmina = MorphogeneticBatch(task, n, kasmina_config(cfg), base_seed=seed, env_offset=env_offset)
-        # What Kasmina captures for telemetry next epoch (set per epoch by the runner).
-        self.capture: frozenset[str] = frozenset()
         mb = self.kasmina
         self.slots = mb.arch.slots
         self.blueprint_names = mb.blueprint_names
         self.schema = ObservationSchema(
             history_length=cfg.history_length, blueprints=mb.blueprint_names, slots=mb.arch.slots
         )
-        self.features = FeatureBuilder(self.schema, mb.host_params, cfg.episode.length).to(task.device)
-        self.reward_fn = ShapedReward(cfg.reward, mb.host_params, task.device)
+        self.features = FeatureBuilder(self.schema, mb.host_params, cfg.episode.length, cfg.features).to(task.device)
+        self.reward_fn = ShapedReward(cfg.reward, mb.host_params, task.device, gamma=cfg.ppo.gamma)
         self.tracker = new_tracker(n, len(self.slots), cfg.history_length, task.device)
         self.signals = self._blank_signals()
         self._make_specs()
+        self.pipeline = EpochPipeline(self, profile=profile, hub=hub)
 
     # ------------------------------------------------------------------------- specs
     def _signal_shape(self, kind: str) -> tuple[int, ...]:
@@ -207,6 +201,7 @@ class MorphogeneticEnv(EnvBase):
         else:
             mask = reset.reshape(self.n).to(torch.bool)
         self.kasmina.reset_envs(mask)
+        self.pipeline.on_reset(full=reset is None)
         fresh = new_tracker(self.n, len(self.slots), self.cfg.history_length, self.device)
         self.tracker = _rows(mask, fresh, self.tracker)
         self.signals = _rows(mask, self._blank_signals(), self.signals)
@@ -225,7 +220,8 @@ class MorphogeneticEnv(EnvBase):
         actions = TensorDict(
             {k: tensordict.get(k).reshape(self.n).long() for k in ACTION_KEYS}, batch_size=[self.n]
         )
-        raw = self.kasmina.run_epoch(actions, capture=self.capture)
+        capture, test = self.pipeline.begin()
+        raw = self.kasmina.run_epoch(actions, capture=capture, test=test)
         self.signals = raw.select(*SIGNAL_KEYS).to(self.device)
         self.tracker = self.features.update_tracker(self.tracker, self.signals, actions["op"])
         truncated = self.signals["epoch"] >= self.episode_length
@@ -235,7 +231,27 @@ class MorphogeneticEnv(EnvBase):
         out.set("terminated", torch.zeros(self.n, 1, dtype=torch.bool, device=self.device))
         out.set("truncated", truncated.unsqueeze(-1))
         out.set("done", truncated.unsqueeze(-1).clone())
+        actions.set("reason", reason_or_unknown(tensordict, self.n, self.device))
+        self.pipeline.end(actions, raw, out)
         return out
+
+    # ------------------------------------------------------------------------- host-known done
+    def any_done(self, tensordict: TensorDictBase) -> bool:
+        """torchrl's auto-reset test, answered from the epoch's snapshot instead of a sync.
+
+        When every env is done (lockstep episodes, the usual case) no ``_reset`` mask is set:
+        a full reset, which torchrl merges without reading a mask on the host.
+        """
+        done = self.pipeline.host_done
+        if not done.any():
+            return False
+        if not done.all():
+            tensordict.set("_reset", tensordict.get("done").clone())
+        return True
+
+    def _reset_check_done(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> None:
+        """No env may be done right after a reset; checked on the device (torchrl's check syncs)."""
+        torch._assert_async(~tensordict_reset.get("done").any(), "an env is done right after its reset")
 
     def _set_seed(self, seed: int | None) -> None:
         """Re-key the hosts: envs started after the next reset draw from ``seed``."""

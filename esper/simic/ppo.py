@@ -1,7 +1,9 @@
 """LSTM-PPO over the batched morphogenetic env with torchrl's ClipPPOLoss and GAE.
 
-One round = one episode of every env (``episode.length`` host epochs, all envs in step), rolled
-out with ``env.rollout`` through a ``TransformedEnv(InitTracker, LSTM primer)``; GAE over the
+One round = one episode of every env (``episode.length`` host epochs, all envs in step),
+collected by torchrl's ``Collector`` through a ``TransformedEnv(InitTracker, LSTM primer)`` over
+the same env, hence the same epoch pipeline (telemetry profile, plan, test scoring, one
+transfer per epoch) as every other controller; GAE over the
 whole ``[N, T]`` batch with the recurrent critic in recurrent mode (``shifted=True``); then
 ``ppo.epochs`` passes over minibatches of *whole env sequences* (never single steps), each
 loss evaluated in recurrent mode from the sequence start. The episode's last step is treated as
@@ -21,10 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import InteractionType, set_interaction_type
 from torch import nn
+from torchrl.collectors import Collector
 from torchrl.envs import Compose, InitTracker, TransformedEnv
 from torchrl.modules import set_recurrent_mode
 from torchrl.modules.value_norm import RunningValueNorm
@@ -32,7 +36,7 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
 from esper.leyline import NUM_OPS, EventKind, Op, TelemetryEvent
-from esper.nissa import AnomalyMonitor, NissaHub
+from esper.nissa import AnomalyMonitor, NissaHub, TelemetryConfig, materialize
 from esper.nissa.anomaly import lstm_hidden_stats
 from esper.simic.checkpoint import (
     CHECKPOINT_VERSION,
@@ -43,6 +47,7 @@ from esper.simic.checkpoint import (
 )
 from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.pipeline import EpisodeSummary
 from esper.tamiyo.lstm_policy import (
     ACTOR_STATE,
     HEAD_KEYS,
@@ -85,14 +90,34 @@ class FactoredPPOLoss(ClipPPOLoss):
         return vn.normalize(target_return.detach()), vn.normalize(state_value), old
 
 
+class RecurrentEnv(TransformedEnv):
+    """The env as the policy sees it (recurrent-state primer, init tracker).
+
+    torchrl's auto-reset test is answered by the base env's host snapshot, as without the
+    transforms, so collection keeps one device-to-host transfer per epoch.
+    """
+
+    def any_done(self, tensordict: TensorDictBase) -> bool:
+        return self.base_env.any_done(tensordict)
+
+    def _reset_check_done(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> None:
+        self.base_env._reset_check_done(tensordict, tensordict_reset)
+
+
 @dataclass(slots=True)
 class RoundStats:
-    """What one round did and learned (host-side floats)."""
+    """What one round did and learned (host-side floats).
+
+    ``test_acc`` is the held-out test accuracy at the end of the round's episodes: what the
+    controller is for. ``final_val_acc`` is what it decided from.
+    """
 
     round: int
     mean_return: float
+    test_acc: float
     final_val_acc: float
     fossilized: float
+    params_added: float
     op_freq: list[float]
     accepted: float
     kl: float
@@ -100,6 +125,9 @@ class RoundStats:
     entropy: dict[str, float]
     explained_variance: float
     value_loss: float
+    lr: float
+    entropy_scale: float
+    passes: int
     env_epochs_per_s: float
     collect_s: float
     update_s: float
@@ -110,9 +138,11 @@ class RoundStats:
         ops = " ".join(f"{o.name[:4].lower()}={f:.2f}" for o, f in zip(Op, self.op_freq, strict=True))
         ent = " ".join(f"{h}={v:.2f}" for h, v in self.entropy.items())
         return (
-            f"round {self.round:3d}  return {self.mean_return:+.3f}  acc {self.final_val_acc:5.2f}  "
-            f"fossil {self.fossilized:.2f}  ops[{ops}] ok={self.accepted:.2f}  kl {self.kl:.4f}  "
+            f"round {self.round:3d}  return {self.mean_return:+.3f}  test {self.test_acc:5.2f}  "
+            f"val {self.final_val_acc:5.2f}  fossil {self.fossilized:.2f}  params+ {self.params_added:.0f}  "
+            f"ops[{ops}] ok={self.accepted:.2f}  kl {self.kl:.4f}  "
             f"clip {self.clip_fraction:.3f}  H[{ent}]  EV {self.explained_variance:+.2f}  "
+            f"lr {self.lr:.1e} Hx{self.entropy_scale:.2f} passes {self.passes}  "
             f"{self.env_epochs_per_s:.1f} env-epochs/s"
             + ("".join(f"\n    anomaly: {a}" for a in self.anomalies))
         )
@@ -131,31 +161,35 @@ def policy_shape(cfg: TrainingConfig, env: MorphogeneticEnv) -> PolicyShape:
     )
 
 
-def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """``1 - Var(target - pred) / Var(target)`` (0 when the target is constant)."""
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1 - Var(target - pred) / Var(target)`` (0 when the target is constant), on the device."""
     var = target.var()
-    if float(var) <= 1e-12:
-        return 0.0
-    return float(1.0 - (target - pred).var() / var)
+    ev = 1.0 - (target - pred).var() / var.clamp_min(1e-12)
+    return torch.where(var > 1e-12, ev, torch.zeros_like(ev))
 
 
 class PPOTrainer:
     """Builds the env, the LSTM actor-critic, ClipPPOLoss, GAE and Adam; runs rounds; checkpoints."""
 
     def __init__(
-        self, cfg: TrainingConfig, env: MorphogeneticEnv | None = None, hub: NissaHub | None = None
+        self, cfg: TrainingConfig, env: MorphogeneticEnv | None = None, hub: NissaHub | None = None,
+        profile: TelemetryConfig | None = None,
     ) -> None:
         self.cfg = cfg
         self.hub = hub
         self.monitor = AnomalyMonitor()  # value collapse, ratio explosion, LSTM health, drift
         p = cfg.ppo
         torch.manual_seed(cfg.episode.seed)
-        self.base_env = env if env is not None else MorphogeneticEnv(cfg)
+        self.base_env = env if env is not None else MorphogeneticEnv(cfg, profile=profile, hub=hub)
         self.device = self.base_env.device
         self.shape = policy_shape(cfg, self.base_env)
         self.value_norm = RunningValueNorm(shape=1, device=self.device)
         self.modules = TamiyoModules(self.shape, self.value_norm, wait_bias=WAIT_BIAS).to(self.device)
-        self.env = TransformedEnv(self.base_env, Compose(InitTracker(), self.modules.primer()))
+        self.env = RecurrentEnv(self.base_env, Compose(InitTracker(), self.modules.primer()))
+        frames = self.base_env.n * cfg.episode.length
+        self.collector = Collector(self.env, self.modules.actor, frames_per_batch=frames, total_frames=-1,
+                                   track_traj_ids=False)
+        self._batches = iter(self.collector)
         self.gae = GAE(gamma=p.gamma, lmbda=p.gae_lambda, value_network=self.modules.critic,
                        shifted=True, deactivate_vmap=True)
         self.loss = FactoredPPOLoss(
@@ -183,9 +217,7 @@ class PPOTrainer:
     def collect(self) -> TensorDictBase:
         """One episode of every env, sampled from the current policy: a ``[N, T]`` TensorDict."""
         with set_interaction_type(InteractionType.RANDOM), set_recurrent_mode(False):
-            batch = self.env.rollout(
-                self.cfg.episode.length, self.modules.actor, auto_reset=True, break_when_any_done=False
-            )
+            batch = next(self._batches)
         # Fixed horizon with the epoch observed: the episode end is terminal for the learner.
         batch.set(("next", "terminated"), batch.get(("next", "done")).clone())
         return batch
@@ -198,19 +230,39 @@ class PPOTrainer:
         self.value_norm.update(batch.get("value_target"))
         return batch
 
-    def update(self, batch: TensorDictBase) -> dict[str, Any]:
-        """``ppo.epochs`` passes over minibatches of whole env sequences; returns mean metrics."""
+    def schedule(self) -> dict[str, float]:
+        """This round's learning rate and entropy scale: linear from 1 to their final
+        fractions over ``ppo.rounds`` (a resumed run continues the same schedule)."""
         p = self.cfg.ppo
+        progress = min(self.round / max(p.rounds - 1, 1), 1.0)
+        return {
+            "lr": p.lr * (1.0 - (1.0 - p.lr_final_frac) * progress),
+            "entropy_scale": 1.0 - (1.0 - p.entropy_final_frac) * progress,
+        }
+
+    def update(self, batch: TensorDictBase) -> dict[str, Any]:
+        """Up to ``ppo.epochs`` passes over minibatches of whole env sequences.
+
+        The pass stops early once its mean approximate KL exceeds ``ppo.target_kl`` (one host
+        read per pass, outside the env's epoch loop). Returns mean metrics (device tensors) and
+        ``passes``, the number of passes run.
+        """
+        p = self.cfg.ppo
+        sched = self.schedule()
+        for group in self.optimizer.param_groups:
+            group["lr"] = sched["lr"]
         n = batch.batch_size[0]
         sums: dict[str, torch.Tensor] = {}
         count = 0
+        passes = 0
         for _ in range(p.epochs):
             order = torch.randperm(n, generator=self.shuffle).to(self.device)
-            for idx in order.split(p.minibatch_envs):
+            pass_kl = torch.zeros((), device=self.device)
+            for i, idx in enumerate(order.split(p.minibatch_envs)):
                 mb = batch[idx]  # [envs, T]: whole sequences, hidden state from their start
                 with set_recurrent_mode(True):
                     out = self._loss_fn(mb)
-                total = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
+                total = out["loss_objective"] + out["loss_critic"] + sched["entropy_scale"] * out["loss_entropy"]
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 grad_norm = nn.utils.clip_grad_norm_(self.params, p.max_grad_norm)
@@ -223,27 +275,34 @@ class PPOTrainer:
                 }
                 for k, v in logged.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
+                pass_kl = pass_kl + (out["kl_approx"].detach().float() - pass_kl) / (i + 1)
                 count += 1
-        peak = float(sums.pop("grad_norm_max"))
-        return {**{k: float(v) / count for k, v in sums.items()}, "grad_norm_max": peak}
+            passes += 1
+            if p.target_kl is not None and float(pass_kl) > p.target_kl:
+                break
+        means = {k: v / count if k != "grad_norm_max" else v for k, v in sums.items()}
+        return {**means, "passes": passes, **sched}
 
     @torch.no_grad()
-    def health(self, batch: TensorDictBase) -> dict[str, float]:
+    def health(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """Post-update importance ratios and the actor's LSTM state, for the anomaly checks."""
         with set_recurrent_mode(True):
             log_weight = self.loss._log_weight(batch, batch.batch_size)[0]
         ratio = log_weight.exp()
         lstm = lstm_hidden_stats(batch.get(("next", ACTOR_STATE[0]))[:, -1],
                                  batch.get(("next", ACTOR_STATE[1]))[:, -1], env_dim=0)
-        values = torch.stack([ratio.max(), ratio.min(), lstm["h_norm"].max(), lstm["c_norm"].max(),
-                              lstm["nonfinite"].sum().float()]).tolist()  # one transfer per round
-        return dict(zip(("ratio_max", "ratio_min", "lstm_h_norm", "lstm_c_norm", "lstm_nonfinite"),
-                        values, strict=True))
+        return {"ratio_max": ratio.max(), "ratio_min": ratio.min(), "lstm_h_norm": lstm["h_norm"].max(),
+                "lstm_c_norm": lstm["c_norm"].max(), "lstm_nonfinite": lstm["nonfinite"].sum().float()}
 
     def train_round(self) -> RoundStats:
-        """Collect, estimate advantages, update; the round counter advances."""
+        """Collect, estimate advantages, update; the round counter advances.
+
+        The round's learner metrics leave the device in one transfer; the episode outcomes
+        (test accuracy, return, growth) come from the pipeline's host summaries.
+        """
         t0 = time.perf_counter()
         batch = self.collect()
+        summaries = self.base_env.pipeline.take_summaries()
         t1 = time.perf_counter()
         self.modules.train()
         self.advantages(batch)
@@ -251,8 +310,19 @@ class PPOTrainer:
         metrics = self.update(batch)
         t2 = time.perf_counter()
         self.round += 1
-        stats = self._stats(batch, metrics, ev, t1 - t0, t2 - t1)
-        checks = {"explained_variance": ev, "grad_norm": metrics["grad_norm_max"], **self.health(batch)}
+        n, t = batch.batch_size
+        device_metrics = TensorDict(
+            {**{k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}, **self.health(batch),
+             "explained_variance": ev,
+             "op_freq": torch.bincount(batch.get("op").reshape(-1), minlength=NUM_OPS).float() / (n * t)},
+            batch_size=[],
+        )
+        host = materialize(device_metrics)  # one transfer per round for the learner's numbers
+        m = {k: float(v) for k, v in host.items() if k != "op_freq"}
+        m |= {k: float(metrics[k]) for k in ("passes", "lr", "entropy_scale")}
+        stats = self._stats(summaries, host["op_freq"], m, t1 - t0, t2 - t1, n * t)
+        checks = {"explained_variance": m["explained_variance"], "grad_norm": m["grad_norm_max"],
+                  **{k: m[k] for k in ("ratio_max", "ratio_min", "lstm_h_norm", "lstm_c_norm", "lstm_nonfinite")}}
         anomalies = self.monitor.check_ppo_update(checks, self.round)
         stats.anomalies = [a.message for a in anomalies]
         self.history.append(asdict(stats))
@@ -262,27 +332,35 @@ class PPOTrainer:
             self.hub.emit_many(anomalies)
         return stats
 
-    def _stats(self, batch: TensorDictBase, m: dict[str, Any], ev: float, tc: float, tu: float) -> RoundStats:
-        nxt = batch.get("next")
-        n, t = batch.batch_size
-        ops = torch.bincount(batch.get("op").reshape(-1), minlength=NUM_OPS).float() / (n * t)
-        comps = nxt.get("reward_components")
+    def _stats(self, summaries: list[EpisodeSummary], op_freq: np.ndarray, m: dict[str, float],
+               tc: float, tu: float, frames: int) -> RoundStats:
+        def mean(key: str) -> float:
+            return float(np.mean([getattr(s, key) for s in summaries])) if summaries else float("nan")
+
+        snap = self.base_env.pipeline.last
+        comps = sorted({k for s in summaries for k in s.reward_components})
         return RoundStats(
             round=self.round,
-            mean_return=float(nxt.get("reward").sum(1).mean()),
-            final_val_acc=float(nxt.get(("signals", "val_acc"))[:, -1].mean()),
-            fossilized=float(nxt.get(("tracker", "seeds_fossilized"))[:, -1].float().mean()),
-            op_freq=[float(x) for x in ops],
-            accepted=float(nxt.get(("signals", "action_accepted")).float().mean()),
+            mean_return=mean("total_reward"),
+            test_acc=mean("test_acc"),
+            final_val_acc=mean("final_val_acc"),
+            fossilized=mean("fossilized"),
+            params_added=mean("params_added"),
+            op_freq=[float(x) for x in op_freq],
+            accepted=float(snap["signals.action_accepted"].mean()) if snap else float("nan"),
             kl=m["kl"],
             clip_fraction=m["clip_fraction"],
             entropy={h: m[h] for h in HEAD_KEYS},
-            explained_variance=ev,
+            explained_variance=m["explained_variance"],
             value_loss=m["value_loss"],
-            env_epochs_per_s=n * t / max(tc, 1e-9),
+            lr=m["lr"],
+            entropy_scale=m["entropy_scale"],
+            passes=int(m["passes"]),
+            env_epochs_per_s=frames / max(tc, 1e-9),
             collect_s=tc,
             update_s=tu,
-            reward_components={k: float(comps.get(k).sum(1).mean()) for k in comps.keys()},  # noqa: SIM118 (TensorDict iterates rows)
+            reward_components={k: float(np.mean([s.reward_components.get(k, 0.0) for s in summaries]))
+                               for k in comps},
         )
 
     def train(self, rounds: int, on_round: Callable[[RoundStats], None] | None = None,

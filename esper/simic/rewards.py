@@ -57,8 +57,10 @@ class RewardComponents:
 class ShapedReward:
     """Reward from one epoch's Kasmina signals, the requested op and the episode-end mask."""
 
-    def __init__(self, cfg: RewardConfig, host_params: float, device: torch.device | str) -> None:
+    def __init__(self, cfg: RewardConfig, host_params: float, device: torch.device | str,
+                 gamma: float) -> None:
         self.cfg = cfg
+        self.gamma = gamma
         self.host_params = host_params
         pot = torch.zeros(NUM_STAGES)
         for stage, value in STAGE_POTENTIAL.items():
@@ -82,7 +84,9 @@ class ShapedReward:
         live = self.live[stage]
         measured = live & (signals["alpha"] > 0)
         contribution = cfg.contribution * 0.01 * torch.where(measured, signals["contribution"], 0.0).sum(1)
-        shaping = cfg.gamma * self.phi(stage) - self.phi(before)
+        # Potential-based shaping (Ng et al. 1999) with the learner's discount; the final state's
+        # potential is 0, so over an episode the shaping terms sum to -Phi(s_0) whatever the policy.
+        shaping = self.gamma * torch.where(end, 0.0, self.phi(stage)) - self.phi(before)
         rent = -cfg.rent * torch.log1p(signals["params_added"] / self.host_params)
         action_cost = -self.op_cost[op.long()]
         fossilized = ((stage == S.FOSSILIZED) & (before == S.PROBATIONARY)).sum(1).float()

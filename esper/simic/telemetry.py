@@ -54,7 +54,8 @@ def landscape_loss_fn(batch: MorphogeneticBatch, val_rows: int = 256) -> Callabl
 
     @torch.no_grad()
     def loss_fn(params: list[torch.Tensor]) -> torch.Tensor:
-        logits = forward_eval(batch.arch, dict(zip(names, params, strict=True)), st["buffers"], st["seeds"], ctrl, x)[0]
+        logits = forward_eval(batch.arch, dict(zip(names, params, strict=True)), st["buffers"], st["seeds"], ctrl, x,
+                             counterfactuals=False)[0]
         k = logits.shape[-1]
         return F.cross_entropy(logits.reshape(-1, k), y.repeat(batch.n), reduction="none").view(batch.n, -1).mean(1)
 
@@ -76,7 +77,7 @@ class EpochTelemetry:
 
     def begin_epoch(self, epoch: int) -> frozenset[str]:
         """Pick this epoch's profile (escalation may raise it) and return Kasmina's captures."""
-        self.tracker = DiagnosticTracker(self.escalation.config_for(epoch))
+        self.tracker = DiagnosticTracker(self.escalation.config_for_next())  # its own epoch clock
         need = self.tracker.required_inputs
         return frozenset(_CAPTURE_FOR_INPUT[k] for k in need if k in _CAPTURE_FOR_INPUT)
 

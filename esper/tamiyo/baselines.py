@@ -10,8 +10,8 @@ import torch
 from tensordict import TensorDictBase
 
 from esper import rng
-from esper.leyline import TEMPOS, Op
-from esper.tamiyo.heuristic import Reason, first_true, pick, preferred_slot
+from esper.leyline import TEMPOS, Op, Reason
+from esper.tamiyo.heuristic import first_true, fresh_hosts, pick, preferred_slot
 
 
 def _write(td: TensorDictBase, op: torch.Tensor, slot: torch.Tensor, blueprint: torch.Tensor,
@@ -24,9 +24,6 @@ def _write(td: TensorDictBase, op: torch.Tensor, slot: torch.Tensor, blueprint: 
 
 class StaticPolicy:
     """Never grows the host: WAIT every epoch."""
-
-    def reset(self, mask: torch.Tensor | None = None) -> None:
-        """Stateless."""
 
     def __call__(self, td: TensorDictBase) -> TensorDictBase:
         n = td.batch_size[0]
@@ -58,6 +55,7 @@ class RandomPolicy:
         self.calls = torch.where(m, torch.zeros_like(self.calls), self.calls)
 
     def __call__(self, td: TensorDictBase) -> TensorDictBase:
+        self.reset(fresh_hosts(td))
         k = rng.stream_key(self.keys, self.episode, self.calls)
         self.calls = self.calls + 1
         op = masked_uniform(rng.stream_key(k, 1), td["op_mask"])
@@ -86,9 +84,6 @@ class FixedSchedulePolicy:
         self.tempo_index = tempo_index
         self.slot_preference = slot_preference
         self._due: torch.Tensor | None = None
-
-    def reset(self, mask: torch.Tensor | None = None) -> None:
-        """Stateless beyond the epoch counter the env provides."""
 
     def __call__(self, td: TensorDictBase) -> TensorDictBase:
         sig = td["signals"]

@@ -41,6 +41,22 @@ class HeuristicConfig(BaseModel):
     penalty_decay: float = Field(0.9, ge=0.0, le=1.0, description="per-epoch penalty decay")
 
 
+class FeatureConfig(BaseModel):
+    """Thresholds of the observation's trackers and health flags (accuracies in points)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    plateau_delta: float = Field(
+        0.5, ge=0.0, description="an epoch whose val acc rose less than this counts towards plateau_epochs"
+    )
+    improvement_delta: float = Field(
+        0.1, ge=0.0, description="val acc must beat its best by more than this to reset epochs_since_improvement"
+    )
+    grad_explode: float = Field(
+        1e3, gt=0.0, description="a seed gradient norm at or above this is not healthy (seed_grad_healthy)"
+    )
+
+
 class FixedScheduleConfig(BaseModel):
     """The fixed growth schedule baseline: one blueprint germinated at set epochs."""
 

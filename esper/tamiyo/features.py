@@ -10,7 +10,17 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import nn
 
-from esper.leyline import LIVE_STAGES, NUM_OPS, NUM_STAGES, ObservationSchema, SeedStage, stage_mask
+from esper.leyline import (
+    LIVE_STAGES,
+    MEASURED_STAGES,
+    NUM_OPS,
+    NUM_STAGES,
+    PRESENT_STAGES,
+    ObservationSchema,
+    SeedStage,
+    stage_mask,
+)
+from esper.tamiyo.config import FeatureConfig
 
 S = SeedStage
 TRACKER_KEYS: tuple[str, ...] = (
@@ -93,18 +103,18 @@ class FeatureBuilder(nn.Module):
         schema: ObservationSchema,
         host_params: float,
         episode_length: int,
-        plateau_delta: float = 0.5,
-        improvement_delta: float = 0.1,
+        config: FeatureConfig | None = None,
         normalize: bool = True,
     ) -> None:
         super().__init__()
         self.schema = schema
         self.host_params = host_params
         self.episode_length = episode_length
-        self.plateau_delta = plateau_delta
-        self.improvement_delta = improvement_delta
+        self.config = config if config is not None else FeatureConfig()
         self.norm = RunningNorm(schema.size) if normalize else None
         self.register_buffer("live", stage_mask(LIVE_STAGES), persistent=False)
+        self.register_buffer("present", stage_mask(PRESENT_STAGES), persistent=False)
+        self.register_buffer("measured", stage_mask(MEASURED_STAGES), persistent=False)
         cols = []
         for slot in schema.slots:
             cols += [schema.index[f"{slot}.contribution"], schema.index[f"{slot}.contribution_velocity"]]
@@ -117,8 +127,8 @@ class FeatureBuilder(nn.Module):
         val_loss, val_acc = signals["val_loss"], signals["val_acc"]
         prev_acc = torch.where(first, val_acc, tracker["val_acc_hist"][:, -1])
         best = torch.where(first, val_acc, tracker["best_val_acc"])
-        improved = val_acc > best + self.improvement_delta
-        flat = (val_acc - prev_acc) < self.plateau_delta
+        improved = val_acc > best + self.config.improvement_delta
+        flat = (val_acc - prev_acc) < self.config.plateau_delta
         stage, before = signals["stage"], signals["stage_before"]
         fossilized = ((stage == S.FOSSILIZED) & (before != S.FOSSILIZED)).sum(1)
         culled = ((stage == S.CULLED) & (before != S.CULLED)).sum(1)
@@ -139,7 +149,7 @@ class FeatureBuilder(nn.Module):
                 "last_accepted": signals["action_accepted"],
                 "prev_val_loss": torch.where(first, val_loss, tracker["val_loss_hist"][:, -1]),
                 "prev_val_acc": prev_acc,
-                "prev_contribution": torch.where(signals["alpha"] > 0, signals["contribution"], 0.0),
+                "prev_contribution": torch.where(self.measured[stage], signals["contribution"], 0.0),
             },
             batch_size=tracker.batch_size,
             device=tracker.device,
@@ -174,18 +184,16 @@ class FeatureBuilder(nn.Module):
             F.one_hot(tracker["last_op"], NUM_OPS).float(),
         ]
         alpha = signals["alpha"]
-        measured = alpha > 0
+        measured = self.measured[stage]
         contribution = torch.where(measured, acc * signals["contribution"], 0.0)
         velocity = contribution - acc * tracker["prev_contribution"]
-        present = live | (stage == S.FOSSILIZED)
-        target = signals.get("alpha_target", torch.ones_like(alpha)) * present
+        present = self.present[stage]
         seed_grad = signals["seed_grad_norm"]
         ratio = seed_grad / signals["host_grad_norm"].clamp_min(1e-12)[:, None]
-        healthy = torch.isfinite(seed_grad) & (seed_grad < 1e3)
+        healthy = torch.isfinite(seed_grad) & (seed_grad < self.config.grad_explode)
         slot_scalars = torch.stack(
             [
                 alpha,
-                target,
                 contribution,
                 torch.where(measured, velocity, 0.0),
                 measured.float(),
@@ -196,7 +204,7 @@ class FeatureBuilder(nn.Module):
                 (healthy & live).float(),
             ],
             dim=-1,
-        )  # [N, S, 10]
+        )  # [N, S, 9]
         bp = F.one_hot(signals["blueprint"], len(self.schema.blueprints)).float() * present[..., None]
         per_slot = torch.cat([slot_scalars, F.one_hot(stage, NUM_STAGES).float(), bp], dim=-1)
         out = torch.cat([*base, per_slot.reshape(n, -1)], dim=1)
@@ -209,6 +217,6 @@ class FeatureBuilder(nn.Module):
             return x
         x = self.norm(x)
         keep = torch.ones_like(x)
-        measured = signals["alpha"] > 0  # [N, S]
+        measured = self.measured[signals["stage"]]  # [N, S]
         keep[:, self._gated_cols] = measured.float().repeat_interleave(2, dim=1)
         return x * keep

@@ -1,43 +1,31 @@
 """Rule-based Tamiyo: one vectorized decision per env per epoch, with a reason code each.
 
 Reads the env's TensorDict (``signals``, ``tracker`` and the four masks) and writes the
-action keys ``op, slot, blueprint, tempo`` plus ``reason`` (an index into ``REASONS``).
+action keys ``op, slot, blueprint, tempo`` plus ``reason`` (a ``leyline.Reason`` code, an
+index into ``leyline.REASONS``).
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
-
 import torch
 from tensordict import TensorDictBase
 
-from esper.leyline import LIVE_STAGES, Op, SeedStage, stage_mask
+from esper.leyline import (
+    ISOLATED_STAGES,
+    LIVE_STAGES,
+    MEASURED_STAGES,
+    PRESENT_STAGES,
+    Op,
+    Reason,
+    SeedStage,
+    stage_mask,
+)
+from esper.leyline import REASONS as REASONS  # defined in leyline; re-exported for older imports
 from esper.tamiyo.config import HeuristicConfig
 
 S = SeedStage
 
 
-class Reason(IntEnum):
-    """Why the heuristic chose what it chose (per env, for telemetry)."""
-
-    WAIT_WARMUP = 0
-    WAIT_SEED_LIVE = 1
-    WAIT_NO_PLATEAU = 2
-    WAIT_COOLDOWN = 3
-    WAIT_NO_SLOT = 4
-    WAIT_MAX_SEEDS = 5
-    GERMINATE_PLATEAU = 6
-    ADVANCE_GATE_PASSED = 7
-    CULL_ACC_DROP = 8
-    FOSSILIZE_CONTRIBUTION = 9
-    CULL_LOW_CONTRIBUTION = 10
-    WAIT_SCHEDULE = 11
-    GERMINATE_SCHEDULE = 12
-    RANDOM = 13
-    STATIC = 14
-
-
-REASONS: tuple[str, ...] = tuple(r.name.lower() for r in Reason)
 
 
 # Default order the heuristic tries blueprints in: capacity first (conv_light was the reference
@@ -62,6 +50,15 @@ def last_true(mask: torch.Tensor) -> torch.Tensor:
 def preferred_slot(mask: torch.Tensor, preference: str) -> torch.Tensor:
     """The free slot to grow into: the deepest (widest) or the shallowest legal one."""
     return last_true(mask) if preference == "deepest" else first_true(mask)
+
+
+def fresh_hosts(td: TensorDictBase) -> torch.Tensor:
+    """``[N]`` True for envs whose host has not trained yet (a new episode starts at this call).
+
+    Stateful policies restart their per-env state from this, so any driver (torchrl's
+    collector included) resets them without telling them: no ``reset`` call to forget.
+    """
+    return td["signals", "epoch"] == 0
 
 
 def pick(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -96,9 +93,11 @@ class HeuristicPolicy:
         order = {b: i for i, b in enumerate(names)}
         self.rank = torch.tensor([order.get(b, len(names)) for b in blueprints], device=self.device)
         self.live = stage_mask(LIVE_STAGES, self.device)
+        self.present = stage_mask(PRESENT_STAGES, self.device)
+        self.measured = stage_mask(MEASURED_STAGES, self.device)
         blocking = {
             "live": LIVE_STAGES,
-            "isolated": frozenset({S.GERMINATED, S.TRAINING}),
+            "isolated": ISOLATED_STAGES,
             "nothing": frozenset(),
         }[cfg.wait_for]
         self.blocking = stage_mask(blocking, self.device)
@@ -153,10 +152,11 @@ class HeuristicPolicy:
     def __call__(self, td: TensorDictBase) -> TensorDictBase:
         cfg = self.cfg
         sig, tracker = td["signals"], td["tracker"]
+        self.reset(fresh_hosts(td))
         self._observe(sig, tracker)
         stage, eis = sig["stage"], sig["epochs_in_stage"]
         contribution = sig["contribution"]
-        measured = sig["alpha"] > 0
+        measured = self.measured[stage]
         slot_mask = td["slot_mask"]
         live = self.live[stage]
         n = stage.shape[0]
@@ -176,7 +176,7 @@ class HeuristicPolicy:
         # still in isolated training).
         epoch = sig["epoch"]
         busy = self.blocking[stage].any(dim=1)
-        n_seeds = (live | (stage == S.FOSSILIZED)).sum(dim=1)
+        n_seeds = self.present[stage].sum(dim=1)
         warm = epoch >= cfg.warmup_epochs
         plateau = self.plateaued(tracker["val_acc_hist"]) & (epoch > cfg.plateau_epochs)
         cooled = tracker["epochs_since_cull"] >= cfg.cull_cooldown

@@ -229,6 +229,23 @@ class PolicyShape:
     lstm_hidden_size: int = 128
 
 
+class ZeroStatePrimer(TensorDictPrimer):
+    """The LSTM-state primer, resetting without reading the reset mask on the host.
+
+    torchrl's primer asks ``_reset.any()`` at every reset (a device sync per episode); this one
+    writes zero state for every env, and torchrl's reset merge keeps only the rows that were
+    reset (``InitTracker``'s ``is_init`` restarts the recurrence there anyway).
+    """
+
+    def _reset_func(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        parent = self.parent
+        if parent is not None and self.primers.shape[: len(parent.shape)] != parent.batch_size:
+            self.primers = self._expand_shape(self.primers)
+        for key, spec in self.primers.items(True, True):
+            tensordict_reset.set(key, spec.zero())
+        return tensordict_reset
+
+
 class TamiyoModules(nn.Module):
     """Actor (probabilistic, factored heads) and critic (``TensorDictSequential``) over the env TensorDict."""
 
@@ -276,7 +293,8 @@ class TamiyoModules(nn.Module):
 
     def primer(self) -> TensorDictPrimer:
         """The env transform that carries the actor's hidden state between steps."""
-        return self.actor_lstm.make_tensordict_primer()
+        base = self.actor_lstm.make_tensordict_primer()
+        return ZeroStatePrimer(dict(base.primers.items(True, True)), expand_specs=True)
 
     def log_prob_keys(self) -> list[str]:
         return [f"{h}_log_prob" for h in HEAD_KEYS]
@@ -285,8 +303,9 @@ class TamiyoModules(nn.Module):
 class RecurrentPolicy:
     """The actor as a stateful TensorDict policy for ``simic.runner`` (no primer needed there).
 
-    Keeps each env's hidden state itself; ``reset(mask)`` starts those envs afresh. Actions are
-    sampled (``deterministic=False``) or the per-head mode, op first.
+    Keeps each env's hidden state itself and starts it afresh on a fresh host (``signals.epoch``
+    0) or on ``reset(mask)``. Actions are sampled (``deterministic=False``) or the per-head
+    mode, op first.
     """
 
     def __init__(self, modules: TamiyoModules, n_envs: int, deterministic: bool = False) -> None:
@@ -303,6 +322,7 @@ class RecurrentPolicy:
 
     @torch.no_grad()
     def __call__(self, td: TensorDictBase) -> TensorDictBase:
+        self.reset(td["signals", "epoch"] == 0)
         inp = td.select("observation", *MASK_OF.values()).clone(False)
         for k, v in self.state.items():
             inp.set(k, v)
@@ -314,6 +334,10 @@ class RecurrentPolicy:
         self.is_init = torch.zeros_like(self.is_init)
         for h in HEAD_KEYS:
             td.set(h, out.get(h).long())
+        for k in self.modules.log_prob_keys():  # recorded by episode packs (esper.generate)
+            lp = out.get(k, None)
+            if lp is not None:
+                td.set(k, lp)
         return td
 
 

@@ -46,8 +46,15 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def make_policy(spec: str, env: PolicyEnv, cfg: Any, seed: int = 0) -> Any:
-    """Build the policy named by ``spec`` (``name`` or ``name=ARG``) for ``env``."""
+    """Build the policy named by ``spec`` (``name`` or ``name=ARG``) for ``env``.
+
+    The config's settings for that policy are checked first (``cfg.check_for(name)`` where the
+    config has it): a policy's own section matters only when that policy runs.
+    """
     name, arg = parse_spec(spec)
+    check = getattr(cfg, "check_for", None)
+    if callable(check):
+        check(name)
     return POLICIES[name](env, cfg, arg, seed)
 
 

@@ -45,10 +45,12 @@ def crop_flip(x: Tensor, padding: int, oy: Tensor, ox: Tensor, flip: Tensor) -> 
 class TaskData:
     """An image-classification task resident on one device.
 
-    `train_x`/`val_x` are [T, C, H, W] (uint8 raw pixels or float32), `train_y`/`val_y` are [T]
-    int64. `mean`/`std` (per channel, on the [0, 1] scale for uint8 data) are applied by
-    `prepare`; `augment` asks the sampler for random crop + flip on training batches only.
-    Validation is one shared set: every env is scored on the same images.
+    Three splits: `train` (what hosts fit), `val` (what controllers, gates and rewards decide
+    from) and `test` (what results are reported on; nothing decides from it). `*_x` are
+    [T, C, H, W] (uint8 raw pixels or float32), `*_y` are [T] int64. `mean`/`std` (per channel,
+    on the [0, 1] scale for uint8 data) are applied by `prepare`; `augment` asks the sampler for
+    random crop + flip on training batches only. Validation and test are each one shared set:
+    every env is scored on the same images.
     """
 
     name: str
@@ -56,6 +58,8 @@ class TaskData:
     train_y: Tensor
     val_x: Tensor
     val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
     num_classes: int
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -65,7 +69,7 @@ class TaskData:
     _std_t: Tensor | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
-        for split, x, y in (("train", self.train_x, self.train_y), ("val", self.val_x, self.val_y)):
+        for split, x, y in self.splits():
             if x.dim() != 4:
                 raise ValueError(
                     f"{self.name}: {split}_x must be [n, C, H, W], got {tuple(x.shape)}"
@@ -79,10 +83,12 @@ class TaskData:
                 )
             if x.device != self.train_x.device or y.device != self.train_x.device:
                 raise ValueError(f"{self.name}: all tensors must be on one device")
-        if self.val_x.shape[1:] != self.train_x.shape[1:]:
-            raise ValueError(f"{self.name}: train and val image shapes differ")
-        if self.train_x.shape[0] == 0 or self.val_x.shape[0] == 0:
-            raise ValueError(f"{self.name}: empty train or val split")
+        for split, x, _ in self.splits():
+            if x.shape[1:] != self.train_x.shape[1:]:
+                raise ValueError(f"{self.name}: {split} images are {tuple(x.shape[1:])}, "
+                                 f"train images {tuple(self.train_x.shape[1:])}")
+            if x.shape[0] == 0:
+                raise ValueError(f"{self.name}: the {split} split is empty")
         if (self.mean is None) != (self.std is None):
             raise ValueError(f"{self.name}: give both mean and std, or neither")
         if self.mean is not None and self.std is not None:
@@ -92,6 +98,21 @@ class TaskData:
             dev = self.train_x.device
             object.__setattr__(self, "_mean_t", torch.tensor(self.mean, device=dev).view(c, 1, 1))
             object.__setattr__(self, "_std_t", torch.tensor(self.std, device=dev).view(c, 1, 1))
+
+    def splits(self) -> tuple[tuple[str, Tensor, Tensor], ...]:
+        """``(name, x, y)`` of the train, val and test splits, in that order."""
+        return (
+            ("train", self.train_x, self.train_y),
+            ("val", self.val_x, self.val_y),
+            ("test", self.test_x, self.test_y),
+        )
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` of split ``name`` (train, val or test)."""
+        for split, x, y in self.splits():
+            if split == name:
+                return x, y
+        raise ValueError(f"{self.name}: unknown split {name!r}; allowed: train, val, test")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -108,6 +129,10 @@ class TaskData:
         return int(self.val_x.shape[0])
 
     @property
+    def test_size(self) -> int:
+        return int(self.test_x.shape[0])
+
+    @property
     def device(self) -> torch.device:
         return self.train_x.device
 
@@ -122,6 +147,8 @@ class TaskData:
             train_y=self.train_y.to(device),
             val_x=self.val_x.to(device),
             val_y=self.val_y.to(device),
+            test_x=self.test_x.to(device),
+            test_y=self.test_y.to(device),
         )
 
     def prepare(self, x: Tensor) -> Tensor:

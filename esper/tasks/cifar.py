@@ -94,13 +94,16 @@ def load_cifar10(
     download: bool = False,
     train_size: int | None = None,
     val_size: int | None = None,
+    test_size: int | None = None,
     augment: bool = True,
     device: torch.device | str = "cpu",
 ) -> TaskData:
     """CIFAR-10 as a `TaskData` (uint8 on `device`, normalized and augmented at batch time).
 
-    Validation is the official test batch. `train_size`/`val_size` keep the first n images of
-    each split (the files are already shuffled), for quick CPU runs.
+    Validation is carved out of the training batches (their last `val_size` images, 5000 by
+    default); the official test batch is the test split, which nothing decides from.
+    `train_size`/`test_size` keep the first n images of those splits (the files are already
+    shuffled), for quick CPU runs.
     """
     if download:
         import torchvision  # only needed for the network fetch
@@ -108,18 +111,26 @@ def load_cifar10(
         Path(root).mkdir(parents=True, exist_ok=True)
         torchvision.datasets.CIFAR10(str(root), train=True, download=True)
     folder = find_cifar_dir(root)
-    train_x, train_y = _read_split(folder, TRAIN_FILES)
-    val_x, val_y = _read_split(folder, (TEST_FILE,))
+    all_x, all_y = _read_split(folder, TRAIN_FILES)
+    test_x, test_y = _read_split(folder, (TEST_FILE,))
+    n_val = val_size if val_size is not None else min(5000, len(all_y) // 10)
+    if not 0 < n_val < len(all_y):
+        raise ValueError(
+            f"val_size={n_val} must be in [1, {len(all_y) - 1}]: validation is carved out of the "
+            f"{len(all_y)} training images"
+        )
+    train_x, train_y = all_x[: len(all_y) - n_val], all_y[: len(all_y) - n_val]
+    val_x, val_y = all_x[len(all_y) - n_val :], all_y[len(all_y) - n_val :]
     for name, size, total in (
         ("train_size", train_size, len(train_y)),
-        ("val_size", val_size, len(val_y)),
+        ("test_size", test_size, len(test_y)),
     ):
         if size is not None and not 0 < size <= total:
             raise ValueError(f"{name}={size} must be in [1, {total}]")
     if train_size is not None:
         train_x, train_y = train_x[:train_size], train_y[:train_size]
-    if val_size is not None:
-        val_x, val_y = val_x[:val_size], val_y[:val_size]
+    if test_size is not None:
+        test_x, test_y = test_x[:test_size], test_y[:test_size]
     dev = torch.device(device)
     return TaskData(
         name="cifar10",
@@ -127,6 +138,8 @@ def load_cifar10(
         train_y=train_y.to(dev),
         val_x=val_x.contiguous().to(dev),
         val_y=val_y.to(dev),
+        test_x=test_x.contiguous().to(dev),
+        test_y=test_y.to(dev),
         num_classes=10,
         mean=CIFAR_MEAN,
         std=CIFAR_STD,

@@ -99,9 +99,12 @@ class EnvBatchSampler:
                 x = crop_flip(x, pad, oy, ox, u[..., 2] < 0.5)
             yield self.task.prepare(x), y
 
-    def val_batches(self, batch_size: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """The shared validation set in order, as (x [B, C, H, W] float32, y [B]) chunks."""
+    def val_batches(
+        self, batch_size: int | None = None, split: str = "val"
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """A shared evaluation split (``val`` or ``test``) in order, as (x [B, C, H, W] float32,
+        y [B]) chunks."""
         b = batch_size or self.batch_size
-        vx, vy = self.task.val_x, self.task.val_y
-        for start in range(0, self.task.val_size, b):
+        vx, vy = self.task.split(split)
+        for start in range(0, vy.shape[0], b):
             yield self.task.prepare(vx[start : start + b]), vy[start : start + b]

@@ -121,6 +121,7 @@ def make_synthetic_task(
     channels: int = 3,
     train_size: int = 4096,
     val_size: int = 1024,
+    test_size: int = 1024,
     seed: int = 0,
     device: torch.device | str = "cpu",
     num_motifs: int = 32,
@@ -139,18 +140,23 @@ def make_synthetic_task(
     """
     if num_classes < 2 or image_size < motif_size or channels < 1:
         raise ValueError("need num_classes >= 2, image_size >= motif_size, channels >= 1")
-    if train_size < 1 or val_size < 1:
-        raise ValueError("train_size and val_size must be positive")
+    if train_size < 1 or val_size < 1 or test_size < 1:
+        raise ValueError(
+            f"train_size, val_size and test_size must be positive, got {train_size}, {val_size}, {test_size}"
+        )
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(seed))
     bank = _motif_bank(num_motifs, channels, motif_size, gen)
     modes = _class_modes(num_classes, modes_per_class, motifs_per_mode, num_motifs, gen)
     x, y = _render(train_size + val_size, bank, modes, image_size, distractors, noise, gen)
+    # The test images are drawn after train and val, so adding the split left those bit-identical.
+    tx, ty = _render(test_size, bank, modes, image_size, distractors, noise, gen)
     # Standardize per channel with training statistics so inputs are ~N(0, 1).
     tr = x[:train_size]
     mean = tr.mean(dim=(0, 2, 3), keepdim=True)
     std = tr.std(dim=(0, 2, 3), keepdim=True)
     x = (x - mean) / std
+    tx = (tx - mean) / std
     dev = torch.device(device)
     return TaskData(
         name="synthetic",
@@ -158,6 +164,8 @@ def make_synthetic_task(
         train_y=y[:train_size].to(dev),
         val_x=x[train_size:].contiguous().to(dev),
         val_y=y[train_size:].to(dev),
+        test_x=tx.contiguous().to(dev),
+        test_y=ty.to(dev),
         num_classes=num_classes,
         augment=False,
     )

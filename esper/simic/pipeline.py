@@ -1,0 +1,302 @@
+"""The one epoch pipeline every controller runs, inside the env's step.
+
+actions -> train -> validate (counterfactuals) -> gates -> signals -> reward -> ONE materialize
+-> telemetry (diagnostics, narratives, anomalies, decisions, lifecycle, episodes) -> plan.
+
+Kasmina does the first half on the device; :class:`EpochPipeline` does the rest. Because it
+runs inside :meth:`MorphogeneticEnv._step`, every driver (the episode runner, torchrl's
+``Collector`` during PPO, ``env.rollout``) gets the same telemetry profile, the same
+group-by-blueprint plan, the same held-out test scoring and the same transfer count.
+
+Test accuracy is scored on the test split when an episode ends (known on the host from the
+previous snapshot, so deciding costs no sync); it rides in the epoch's one transfer and lands
+in the episode summary, never in anything a controller reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+from esper.leyline import (
+    HEADS,
+    LIVE_STAGES,
+    REASONS,
+    SCORE_KEYS,
+    DecisionEvent,
+    EventKind,
+    LifecycleEvent,
+    Op,
+    Reason,
+    SeedStage,
+    TelemetryEvent,
+)
+from esper.nissa import NissaHub, TelemetryConfig, epoch_event, load_profile, materialize
+from esper.nissa.profiling import phase
+from esper.simic.telemetry import EpochTelemetry
+
+if TYPE_CHECKING:
+    from esper.simic.env import MorphogeneticEnv
+
+S = SeedStage
+EpochCallback = Callable[[int, dict[str, np.ndarray]], None]
+
+
+@dataclass(slots=True)
+class EpisodeSummary:
+    """One env's episode, on the host. ``test_acc`` is on the held-out test split."""
+
+    env: int
+    episode: int
+    trajectory: str
+    final_val_acc: float
+    best_val_acc: float
+    test_acc: float
+    test_loss: float
+    params_added: float
+    fossilized: int
+    culled: int
+    germinated: int
+    total_reward: float
+    reward_components: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "env": self.env,
+            "episode": self.episode,
+            "trajectory": self.trajectory,
+            "final_val_acc": self.final_val_acc,
+            "best_val_acc": self.best_val_acc,
+            "test_acc": self.test_acc,
+            "test_loss": self.test_loss,
+            "params_added": self.params_added,
+            "fossilized": self.fossilized,
+            "culled": self.culled,
+            "germinated": self.germinated,
+            "total_reward": self.total_reward,
+            "reward_components": dict(self.reward_components),
+        }
+
+
+class _Track:
+    """Host-side per-env episode bookkeeping, fed from snapshots."""
+
+    def __init__(self, n: int) -> None:
+        self.tokens: list[list[str]] = [[] for _ in range(n)]
+        self.reward = np.zeros(n)
+        self.components: dict[str, np.ndarray] = {}
+        self.best = np.zeros(n)
+        self.germinated = np.zeros(n, dtype=np.int64)
+
+    def clear(self, env: int) -> None:
+        self.tokens[env] = []
+        self.reward[env] = 0.0
+        self.best[env] = 0.0
+        self.germinated[env] = 0
+        for v in self.components.values():
+            v[env] = 0.0
+
+
+class EpochPipeline:
+    """The host half of every epoch of one env: captures, scoring, transfer, telemetry, plan."""
+
+    def __init__(self, env: MorphogeneticEnv, profile: TelemetryConfig | None = None,
+                 hub: NissaHub | None = None) -> None:
+        self.env = env
+        self.reasons: tuple[str, ...] = REASONS
+        self.callbacks: list[EpochCallback] = []
+        self.configure(profile=profile, hub=hub)
+
+    def configure(self, profile: TelemetryConfig | None = None, hub: NissaHub | None = None) -> None:
+        """(Re)start the pipeline's telemetry with ``profile`` (minimal if None) into ``hub``."""
+        n, s = self.env.n, len(self.env.slots)
+        self.hub = hub
+        self.profile = profile if profile is not None else load_profile("minimal")
+        self.telemetry = EpochTelemetry(self.profile, self.env.kasmina)
+        self.track = _Track(n)
+        self.summaries: list[EpisodeSummary] = []
+        self.epochs = 0  # epochs run by this pipeline (all envs step together)
+        self.transfers = 0  # device-to-host transfers it made (materialize calls)
+        self.host_epoch = np.zeros(n, dtype=np.int64)  # >= each env's true epoch, no sync needed
+        self.host_done = np.zeros(n, dtype=bool)  # done flags of the last snapshot
+        self.episode = np.zeros(n, dtype=np.int64)  # episode index per env, from the snapshot
+        self.completed = np.zeros(n, dtype=np.int64)  # finished episodes per env
+        self.last: dict[str, np.ndarray] = {}
+        self._prev_contribution = np.zeros((n, s))
+
+    def _emit(self, event: TelemetryEvent) -> None:
+        if self.hub is not None:
+            self.hub.emit(event)
+
+    # ------------------------------------------------------------------------- device side
+    def begin(self) -> tuple[frozenset[str], bool]:
+        """Kasmina's captures for this epoch's profile, and whether any episode ends now."""
+        capture = self.telemetry.begin_epoch(self.epochs)
+        test = bool((self.host_epoch + 1 >= self.env.episode_length).any())
+        return capture, test
+
+    def on_reset(self, full: bool) -> None:
+        """Envs were reset: all of them, or (a torchrl partial reset) those that were done."""
+        mask = np.ones_like(self.host_done) if full else self.host_done
+        self.host_epoch[mask] = 0
+        self.host_done[mask] = False
+
+    def end(self, actions: TensorDictBase, raw: TensorDictBase, out: TensorDictBase) -> dict[str, np.ndarray]:
+        """Materialize the epoch (one transfer), then telemetry and the next epoch's plan."""
+        n, kas = self.env.n, self.env.kasmina
+        with phase("telemetry"):
+            packet = TensorDict(
+                {
+                    "action": actions,
+                    "signals": out["signals"],
+                    "tracker": out["tracker"].select("plateau_epochs", "seeds_fossilized", "seeds_culled"),
+                    "reward": out["reward"].squeeze(-1),
+                    "reward_components": out["reward_components"],
+                    "done": out["done"].squeeze(-1),
+                    "episode": kas.episode,
+                    "diag": self.telemetry.diagnostics(out["signals"]),
+                },
+                batch_size=[n],
+            )
+            if SCORE_KEYS[0] in raw:
+                packet.set("score", raw.select(*SCORE_KEYS))
+            snap = materialize(packet)  # the one device-to-host transfer of this epoch
+        self.transfers += 1
+        self.epochs += 1
+        self.last = snap
+        self.host_epoch = snap["signals.epoch"].astype(np.int64)
+        self.host_done = snap["done"].astype(bool)
+        # Group-by-blueprint for the next epoch from this snapshot (eager engines only).
+        kas.set_plan(snap["signals.stage"], snap["signals.blueprint"], snap["signals.germinated"])
+        with phase("telemetry"):
+            self._record(snap)
+        for callback in self.callbacks:
+            callback(self.epochs, snap)
+        return snap
+
+    # ------------------------------------------------------------------------- host side
+    def _record(self, snap: dict[str, np.ndarray]) -> None:
+        env, track = self.env, self.track
+        n = env.n
+        fresh = snap["episode"].astype(np.int64) != self.episode
+        if fresh.any():  # envs on a new host: bookkeeping and anomaly baselines start over
+            for i in np.flatnonzero(fresh):
+                track.clear(int(i))
+            self.telemetry.episode_restarted(fresh)
+            self.episode = snap["episode"].astype(np.int64)
+        epoch = snap["signals.epoch"]
+        self._emit(epoch_event(snap, int(epoch.max())))
+        stage = snap["signals.stage"]
+        free_slots = (stage == S.DORMANT).sum(axis=1)
+        for event in self.telemetry.epoch_events(self.telemetry.host_view(snap), int(epoch.max()), free_slots):
+            self._emit(event)
+        val_acc = snap["signals.val_acc"]
+        track.reward += snap["reward"]
+        for key, value in snap.items():
+            if key.startswith("reward_components."):
+                name = key.split(".", 1)[1]
+                track.components.setdefault(name, np.zeros(n))
+                track.components[name] += value
+        track.best = np.maximum(track.best, val_acc)
+        for i in range(n):  # host-side bookkeeping on the materialized snapshot
+            self._record_env(snap, i)
+        # The latest measured contribution per slot: what a fossilize or cull decided on.
+        measured = snap["signals.alpha"] > 0
+        self._prev_contribution = np.where(
+            measured, snap["signals.contribution"],
+            np.where(stage == S.DORMANT, 0.0, self._prev_contribution),
+        )
+
+    def _record_env(self, snap: dict[str, np.ndarray], i: int) -> None:
+        env, track, kas = self.env, self.track, self.env.kasmina
+        e = int(snap["signals.epoch"][i])
+        op, slot, bp = int(snap["action.op"][i]), int(snap["action.slot"][i]), int(snap["action.blueprint"][i])
+        reason = int(snap["action.reason"][i])
+        accepted = bool(snap["signals.action_accepted"][i])
+        stage, before = snap["signals.stage"][i], snap["signals.stage_before"][i]
+        val_acc = float(snap["signals.val_acc"][i])
+        if self.hub is not None:
+            why = self.reasons[reason] if 0 <= reason < len(self.reasons) else ""
+            action = env.describe(op, slot, bp, int(snap["action.tempo"][i]))
+            decision = DecisionEvent(kind=EventKind.DECISION, env=i, epoch=e, action=action,
+                                     accepted=accepted, reason=why)
+            self._emit(decision)
+            if op != Op.WAIT:
+                self._emit(self.telemetry.explain(decision, why))
+        if op == Op.GERMINATE and accepted:
+            track.germinated[i] += 1
+            if reason == Reason.GERMINATE_PLATEAU:
+                track.tokens[i].append("plateau")
+            track.tokens[i].append(f"germinate({env.blueprint_names[bp]}@{env.slots[slot]})")
+        for k in np.nonzero(stage != before)[0]:
+            src, dst = S(int(before[k])), S(int(stage[k]))
+            # Culls pass CULLED -> EMBARGOED and germinations GERMINATED -> TRAINING within
+            # one epoch; report the decisive step.
+            if dst is S.EMBARGOED and src in LIVE_STAGES:
+                dst = S.CULLED
+            if src is S.DORMANT and dst is S.TRAINING:
+                dst = S.GERMINATED
+            name = env.blueprint_names[int(snap["signals.blueprint"][i, k])]
+            payload: dict[str, float] = {"val_acc": val_acc}
+            if dst is S.GERMINATED:
+                c = kas.arch.spec.slot_channels(env.slots[k])
+                hw = kas.arch.spec.slot_spatial(env.slots[k], kas.task.image_shape[1]) ** 2
+                bp_obj = kas.arch.blueprints[int(snap["signals.blueprint"][i, k])]
+                payload |= {"params": float(bp_obj.param_count(c)), "flops": float(bp_obj.flops(c, hw))}
+            if dst in (S.FOSSILIZED, S.CULLED):
+                payload["accuracy_delta"] = float(self._prev_contribution[i, k])
+            event = LifecycleEvent(
+                kind=EventKind.LIFECYCLE, env=i, epoch=e, slot=env.slots[k], blueprint=name,
+                from_stage=src.name, to_stage=dst.name, payload=payload,
+            )
+            self._emit(event)
+            self.telemetry.lifecycle(event, [i] if dst is S.FOSSILIZED else [])
+            token = {S.BLENDING: "blend", S.FOSSILIZED: "fossilize", S.CULLED: "cull"}.get(dst)
+            if token is not None:
+                track.tokens[i].append(f"{token}({env.slots[k]})" if token != "blend" else token)
+        if bool(snap["done"][i]):
+            test_acc = snap.get("score.test_acc")
+            test_loss = snap.get("score.test_loss")
+            summary = EpisodeSummary(
+                env=i,
+                episode=int(self.completed[i]),
+                trajectory=" → ".join(track.tokens[i]) or "no growth",
+                final_val_acc=val_acc,
+                best_val_acc=float(track.best[i]),
+                test_acc=float(test_acc[i]) if test_acc is not None else float("nan"),
+                test_loss=float(test_loss[i]) if test_loss is not None else float("nan"),
+                params_added=float(snap["signals.params_added"][i]),
+                fossilized=int(snap["tracker.seeds_fossilized"][i]),
+                culled=int(snap["tracker.seeds_culled"][i]),
+                germinated=int(track.germinated[i]),
+                total_reward=float(track.reward[i]),
+                reward_components={k: float(v[i]) for k, v in track.components.items()},
+            )
+            self.summaries.append(summary)
+            self._emit(TelemetryEvent(kind=EventKind.EPISODE, env=i, epoch=e, payload=summary.to_dict()))
+            self.completed[i] += 1
+
+    def finish(self) -> None:
+        """Emit the run's blueprint analytics (call once at the end of a run)."""
+        self._emit(self.telemetry.analytics.to_event(self.epochs))
+
+    def take_summaries(self) -> list[EpisodeSummary]:
+        """Episode summaries finished since the last call (oldest first)."""
+        out, self.summaries = self.summaries, []
+        return out
+
+
+def reason_or_unknown(td: TensorDictBase, n: int, device: torch.device) -> torch.Tensor:
+    """The policy's ``reason`` codes, or -1 (no reason given) for policies that write none."""
+    reason = td.get("reason", None)
+    if reason is None:
+        return torch.full((n,), -1, dtype=torch.long, device=device)
+    return reason.reshape(n).long()
+
+
+ACTION_KEYS = HEADS
