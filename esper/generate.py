@@ -13,9 +13,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
-from esper.simic.checkpoint import CheckpointError, load_checkpoint
+from esper.simic.checkpoint import CheckpointError, check_matches, load_checkpoint
 from esper.simic.cli import add_common_args, build_config, make_hub, telemetry_profile
 from esper.simic.config import ConfigError
 from esper.simic.env import MorphogeneticEnv
@@ -40,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_inputs(args: argparse.Namespace, argv: list[str]) -> tuple[object, object, list[str]]:
+def check_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """Config, telemetry profile and policy specs, or :class:`UsageError` (nothing run yet)."""
     specs = [s.strip() for s in args.policies.split(",") if s.strip()]
     if not specs:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     try:
-        cfg, profile, specs = check_inputs(args, argv)
+        cfg, profile, specs = check_inputs(args)
     except UsageError as err:
         print(err, file=sys.stderr)
         return 2
@@ -90,6 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     with make_hub(cfg) as hub:
         env = MorphogeneticEnv(cfg, profile=profile, hub=hub)  # one env: its normalizer spans the pack
         builder = PackBuilder(env)
+        layout = {"obs_size": env.schema.size, "n_slots": len(env.slots), "n_blueprints": len(env.blueprint_names)}
+        for spec in specs:  # learned policies must fit this env before anything runs
+            name, arg = parse_spec(spec)
+            if name in ("ppo", "ppo_sample"):
+                shape = load_checkpoint(arg)["policy_shape"]
+                try:
+                    check_matches(arg, "env layout", {k: shape[k] for k in layout}, layout)
+                except CheckpointError as err:
+                    print(f"error: {err} (--policies); a checkpoint trained on this env layout", file=sys.stderr)
+                    return 2
         for spec in specs:
             try:
                 policy = make_policy(spec, env, cfg, seed=cfg.episode.seed)

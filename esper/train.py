@@ -13,10 +13,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from esper.simic.checkpoint import CheckpointError
+from esper.simic.checkpoint import CheckpointError, load_checkpoint
 from esper.simic.cli import add_common_args, build_config, make_hub, maybe_trace, telemetry_profile
 from esper.simic.config import ConfigError
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.offline import METHODS as OFFLINE_METHODS
+from esper.simic.offline import train_offline
 from esper.simic.ppo import PPOTrainer, RoundStats
 from esper.simic.runner import EpisodeRunner, EpisodeSummary
 from esper.tamiyo.policies import POLICIES, make_policy
@@ -29,6 +31,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="PPO rounds (one episode of every env each)")
     p.add_argument("--save", type=Path, help="PPO checkpoint written after every round (default RUN_DIR/ppo.pt)")
     p.add_argument("--resume", type=Path, help="continue the PPO run stored in this checkpoint")
+    p.add_argument("--init", type=Path, help="start PPO from this checkpoint's actor/critic and obs_norm "
+                                             "(e.g. one from --policy bc|iql); fresh optimizer, round 0")
+    p.add_argument("--data", type=Path, help="episode pack (esper.generate) for --policy bc or iql")
+    p.add_argument("--offline-epochs", type=int, help="passes over the pack for --policy bc|iql")
     add_common_args(p)
     # The preset follows the policy unless given: PPO trains on the `ppo` preset, any other
     # controller runs the `default` one. The header line names the preset that ran.
@@ -48,9 +54,26 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]configuration error:[/red] {err}")
         return 2
     save = args.save or Path(cfg.run_dir) / "ppo.pt"
+    if args.init is not None:  # checked before any work
+        why = "--init starts a new run; --resume continues one" if args.resume is not None else None
+        try:
+            load_checkpoint(args.init)
+        except CheckpointError as err:
+            why = str(err)
+        if why is not None:
+            print(f"error: {why} (--init); a checkpoint written by esper.train (ppo, bc or iql)", file=sys.stderr)
+            return 2
     start = time.perf_counter()
     with make_hub(cfg) as hub, maybe_trace(args.trace, f"ppo-{cfg.telemetry.profile}"):
         trainer = PPOTrainer(cfg, hub=hub, profile=profile)
+        if args.init is not None:
+            try:
+                trainer.init(args.init)
+            except (CheckpointError, ConfigError) as err:
+                print(f"error: cannot start from {args.init}: {err} (--init); a checkpoint of the same "
+                      "policy shape (esper.train --policy ppo|bc|iql)", file=sys.stderr)
+                return 2
+            console.print(f"initialized from {args.init}")
         if args.resume is not None:
             try:
                 trainer.resume(args.resume)
@@ -89,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         args.preset = "ppo" if args.policy == "ppo" else "default"
     if args.policy == "ppo":
         return train_ppo(args, console)
+    if args.policy in OFFLINE_METHODS:
+        return train_offline(args, console)
     try:
         cfg = build_config(args)
         profile = telemetry_profile(cfg)

@@ -108,7 +108,8 @@ def test_registry_names_and_unknown_task() -> None:
 
 def test_registry_loads_cifar(cifar_dir: Path) -> None:
     task = load_task("cifar10", root=cifar_dir)
-    assert task.name == "cifar10" and task.train_size == 100
+    # validation is carved out of the 100 training images; the test batch is the test split
+    assert task.name == "cifar10" and (task.train_size, task.val_size, task.test_size) == (90, 10, 20)
 
 
 # ---------------------------------------------------------------- cifar
@@ -116,18 +117,24 @@ def test_registry_loads_cifar(cifar_dir: Path) -> None:
 
 def test_cifar_reader(cifar_dir: Path) -> None:
     task = load_cifar10(cifar_dir)
-    assert task.train_x.shape == (100, 3, 32, 32) and task.train_x.dtype == torch.uint8
-    assert task.val_x.shape == (20, 3, 32, 32)
-    assert torch.equal(task.train_y, torch.tensor([i % 10 for i in range(20, 120)]))
+    assert task.train_x.shape == (90, 3, 32, 32) and task.train_x.dtype == torch.uint8
+    assert task.val_x.shape == (10, 3, 32, 32) and task.test_x.shape == (20, 3, 32, 32)
+    # train and val split the training batches (val is their tail); test is test_batch
+    assert torch.equal(task.train_y, torch.tensor([i % 10 for i in range(20, 110)]))
+    assert torch.equal(task.val_y, torch.tensor([i % 10 for i in range(110, 120)]))
+    assert torch.equal(task.test_y, torch.tensor([i % 10 for i in range(20)]))
     assert task.augment and task.mean == CIFAR_MEAN and task.std == CIFAR_STD
     # Rows are laid out channel-major (R plane, G plane, B plane) as in the real files.
     with (cifar_dir / "cifar-10-batches-py" / "data_batch_1").open("rb") as f:
         raw = pickle.load(f, encoding="bytes")[b"data"]
     assert torch.equal(task.train_x[0, 1].reshape(-1), torch.from_numpy(raw[0, 1024:2048]))
     # The batch directory itself is accepted as root; subsets keep the first n.
-    sub = load_cifar10(cifar_dir / "cifar-10-batches-py", train_size=30, val_size=5)
-    assert sub.train_size == 30 and sub.val_size == 5
-    assert torch.equal(sub.train_x, task.train_x[:30])
+    sub = load_cifar10(cifar_dir / "cifar-10-batches-py", train_size=30, val_size=5, test_size=7)
+    assert (sub.train_size, sub.val_size, sub.test_size) == (30, 5, 7)
+    assert torch.equal(sub.train_x, task.train_x[:30]) and torch.equal(sub.test_x, task.test_x[:7])
+    assert torch.equal(sub.val_x, task.val_x[5:])  # the last 5 training images
+    with pytest.raises(ValueError, match="val_size=100"):
+        load_cifar10(cifar_dir, val_size=100)
 
 
 def test_cifar_prepare_normalizes(cifar_dir: Path) -> None:
@@ -261,7 +268,7 @@ def test_sampler_keyed_epoch_independent_of_batch(cifar_dir: Path) -> None:
     solo = EnvBatchSampler(task, 1, 32)
     batched = list(full.epoch(keys, epoch))
     alone = list(solo.epoch(keys[1:2], epoch[1:2]))
-    assert len(batched) == full.steps_per_epoch == 4
+    assert len(batched) == full.steps_per_epoch == 3  # 90 training images, 32 a batch
     for (xb, yb), (xs, ys) in zip(batched, alone, strict=True):
         assert torch.equal(xb[1:2], xs) and torch.equal(yb[1:2], ys)
     ys_all = torch.cat([y for _, y in batched], 1)
@@ -274,15 +281,15 @@ def test_sampler_keyed_epoch_independent_of_batch(cifar_dir: Path) -> None:
 def test_sampler_augments_cifar(cifar_dir: Path) -> None:
     task = load_cifar10(cifar_dir)
     keys = torch.tensor([3, 4])
-    s = EnvBatchSampler(task, n_envs=2, batch_size=100)
+    s = EnvBatchSampler(task, n_envs=2, batch_size=90)
     x, y = next(iter(s.epoch(keys, 0)))
-    assert x.shape == (2, 100, 3, 32, 32) and x.dtype == torch.float32
+    assert x.shape == (2, 90, 3, 32, 32) and x.dtype == torch.float32
     lo = (0 - max(CIFAR_MEAN)) / min(CIFAR_STD)
     hi = (1 - min(CIFAR_MEAN)) / min(CIFAR_STD)
     assert float(x.min()) >= lo - 1e-4 and float(x.max()) <= hi + 1e-4
     # Augmentation does not change the order: without it, the same keys give the same labels
     # and the plain normalized training images, which the augmented batch differs from.
-    off = EnvBatchSampler(dataclasses.replace(task, augment=False), 2, 100)
+    off = EnvBatchSampler(dataclasses.replace(task, augment=False), 2, 90)
     x2, y2 = next(iter(off.epoch(keys, 0)))
     assert torch.equal(y, y2) and not torch.equal(x, x2)
     want = torch.sort(_signatures(task.prepare(task.train_x), task.train_y)).values
@@ -302,6 +309,8 @@ def test_sampler_crop_flip_varies_per_sample() -> None:
         train_y=torch.zeros(64, dtype=torch.int64),
         val_x=base[None].clone(),
         val_y=torch.zeros(1, dtype=torch.int64),
+        test_x=base[None].clone(),
+        test_y=torch.zeros(1, dtype=torch.int64),
         num_classes=1,
         augment=True,
         crop_padding=2,

@@ -69,7 +69,7 @@ def test_profile_features_in_jsonl(name: str, tmp_path) -> None:
         runner = EpisodeRunner(env, policy, hub=hub, profile=profile)
         runner.run(1)
     epochs = [json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["kind"] == "epoch"]
-    assert len(epochs) == 2 and runner.syncs == 2
+    assert len(epochs) == 2 and runner.transfers == runner.epochs == 2
     payload = epochs[-1]["payload"]
     on = _enabled(profile)
     for feature, key in FEATURES.items():

@@ -18,6 +18,21 @@ from esper.simic.runner import EpisodeRunner
 from esper.nissa import NissaHub, load_profile
 from esper.tamiyo.policies import make_policy
 
+class Rec:
+    """Wraps a policy; records the op each env chose each epoch."""
+    def __init__(self, pol):
+        self.pol, self.ops = pol, []
+    def __getattr__(self, k):
+        return getattr(self.pol, k)
+    def __call__(self, td):
+        td = self.pol(td)
+        self.ops.append(td["op"].clone())
+        return td
+    def germ_epochs(self):
+        from esper.leyline import Op
+        ops = torch.stack(self.ops, 1)  # [N, T]
+        return [[int(e) for e in torch.nonzero(ops[i] == int(Op.GERMINATE)).flatten()] for i in range(ops.shape[0])]
+
 p = argparse.ArgumentParser()
 p.add_argument("name"); p.add_argument("config")
 p.add_argument("--pairs", default="0:7,1:100")
@@ -43,18 +58,18 @@ for pair in a.pairs.split(","):
     run = {"task_seed": ts, "host_seed": hs}
     for spec in a.policies.split(","):
         env = MorphogeneticEnv(cfg, task=task)
-        pol = make_policy(spec, env, cfg, seed=cfg.episode.seed)
-        t0 = time.perf_counter()
+        pol = Rec(make_policy(spec, env, cfg, seed=cfg.episode.seed))
+        t0 = time.perf_counter(); c0 = time.process_time()
         with NissaHub([]) as hub:
             sums = EpisodeRunner(env, pol, hub=hub, profile=load_profile("minimal")).run(1)
-        dt = time.perf_counter() - t0
+        dt = time.perf_counter() - t0; cpu = time.process_time() - c0
         acc = np.array([s.final_val_acc for s in sums]); best = np.array([s.best_val_acc for s in sums])
         run[spec] = {"mean": float(acc.mean()), "std": float(acc.std()), "best": float(best.mean()),
                      "fossilized": float(np.mean([s.fossilized for s in sums])),
                      "culled": float(np.mean([s.culled for s in sums])),
-                     "params": float(np.mean([s.params_added for s in sums])), "s": dt,
-                     "traj": [s.trajectory for s in sums[:3]]}
-        print(f"{a.name} t{ts} h{hs} {spec:10s} {acc.mean():6.2f} ± {acc.std():5.2f}  fos {run[spec]['fossilized']:.2f} cull {run[spec]['culled']:.2f}  {dt:6.1f}s", flush=True)
+                     "params": float(np.mean([s.params_added for s in sums])), "s": dt, "cpu": cpu,
+                     "traj": [s.trajectory for s in sums[:3]], "germ": pol.germ_epochs()}
+        print(f"{a.name} t{ts} h{hs} {spec:10s} {acc.mean():6.2f} ± {acc.std():5.2f}  fos {run[spec]['fossilized']:.2f} cull {run[spec]['culled']:.2f}  {dt:6.1f}s wall {cpu:6.1f}s cpu  germ {pol.germ_epochs()[:4]}", flush=True)
     if "static" in run and "heuristic" in run:
         print(f"   gap heuristic-static = {run['heuristic']['mean'] - run['static']['mean']:+.2f}", flush=True)
     out["runs"].append(run)

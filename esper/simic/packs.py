@@ -131,6 +131,10 @@ def check_out_dir(path: str | Path) -> str | None:
         return f"{parent} is not a directory"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"parent directory {parent} is not writable"
+    try:  # the permission bits do not tell everything (root, read-only mounts, /proc)
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".esper-pack-probe."))
+    except OSError as err:
+        return f"parent directory {parent} is not writable ({err.strerror})"
     return None
 
 

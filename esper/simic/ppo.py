@@ -28,7 +28,6 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import InteractionType, set_interaction_type
 from torch import nn
-from torchrl.collectors import Collector
 from torchrl.envs import Compose, InitTracker, TransformedEnv
 from torchrl.modules import set_recurrent_mode
 from torchrl.modules.value_norm import RunningValueNorm
@@ -48,6 +47,7 @@ from esper.simic.checkpoint import (
 from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
 from esper.simic.pipeline import EpisodeSummary
+from esper.simic.runner import collector_for
 from esper.tamiyo.lstm_policy import (
     ACTOR_STATE,
     HEAD_KEYS,
@@ -186,9 +186,7 @@ class PPOTrainer:
         self.value_norm = RunningValueNorm(shape=1, device=self.device)
         self.modules = TamiyoModules(self.shape, self.value_norm, wait_bias=WAIT_BIAS).to(self.device)
         self.env = RecurrentEnv(self.base_env, Compose(InitTracker(), self.modules.primer()))
-        frames = self.base_env.n * cfg.episode.length
-        self.collector = Collector(self.env, self.modules.actor, frames_per_batch=frames, total_frames=-1,
-                                   track_traj_ids=False)
+        self.collector = collector_for(self.env, self.modules.actor, episodes=-1)
         self._batches = iter(self.collector)
         self.gae = GAE(gamma=p.gamma, lmbda=p.gae_lambda, value_network=self.modules.critic,
                        shifted=True, deactivate_vmap=True)
@@ -416,6 +414,21 @@ class PPOTrainer:
         self.shuffle.set_state(ckpt["rng"]["shuffle"])
         self.round = int(ckpt["round"])
         self.history = list(ckpt["history"])
+
+    def init(self, path: str | Path) -> None:
+        """Start from the actor/critic weights (value normalizer included) and observation
+        normalizer of ``path`` (a PPO or offline checkpoint, e.g. ``esper.train --policy bc``);
+        a fresh run otherwise: new optimizer, round 0, empty history."""
+        ckpt = load_checkpoint(path)
+        check_matches(path, "policy shape", ckpt["policy_shape"], asdict(self.shape))
+        self.modules.load_state_dict(ckpt["modules"])
+        self.optimizer = torch.optim.Adam(self.params, lr=self.cfg.ppo.lr, eps=1e-5)
+        norm = self.base_env.features.norm
+        if norm is not None and ckpt["obs_norm"]:
+            norm.load_state_dict(ckpt["obs_norm"])
+        self.round = 0
+        self.history = []
+        self.init_from = str(path)
 
 
 # ----------------------------------------------------------------------------- evaluation

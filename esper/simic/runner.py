@@ -7,16 +7,19 @@ the same ``Collector`` over the same env (:mod:`esper.simic.ppo`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from tensordict import TensorDictBase
 from torchrl.collectors import Collector
+from torchrl.envs import EnvBase
 
 from esper.nissa import NissaHub, TelemetryConfig
+from esper.nissa.profiling import phase
 from esper.simic.env import MorphogeneticEnv
 from esper.simic.pipeline import EpisodeSummary, EpochCallback
 
-__all__ = ["EpisodeRunner", "EpisodeSummary", "Policy", "collector_for"]
+__all__ = ["EpisodeRunner", "EpisodeSummary", "PhasedPolicy", "Policy", "collector_for"]
 
 
 class Policy(Protocol):
@@ -29,15 +32,32 @@ class Policy(Protocol):
     def __call__(self, td: TensorDictBase) -> TensorDictBase: ...
 
 
-def collector_for(env: MorphogeneticEnv, policy: object, episodes: int) -> Collector:
-    """torchrl's collector yielding one ``[N, T]`` batch per episode of every env.
+class PhasedPolicy:
+    """A policy whose calls show as the ``policy`` phase in profiler traces."""
 
+    def __init__(self, policy: Callable[[TensorDictBase], TensorDictBase]) -> None:
+        self.policy = policy
+
+    def __call__(self, td: TensorDictBase) -> TensorDictBase:
+        with phase("policy"):
+            return self.policy(td)
+
+
+def collector_for(env: EnvBase, policy: Callable[[TensorDictBase], TensorDictBase],
+                  episodes: int) -> Collector:
+    """torchrl's collector yielding one ``[N, T]`` batch per episode of every env
+    (``episodes < 0``: endless).
+
+    Every batch starts with fresh hosts (a reset at each iteration, none mid-batch), so a
+    batch is exactly one episode and a checkpoint taken between batches resumes exactly.
     Trajectory ids are not tracked (the env index and the summaries identify episodes, and
     torchrl's id bookkeeping would read the done flags on the host every step).
     """
-    frames = env.n * env.episode_length
-    return Collector(env, policy, frames_per_batch=frames, total_frames=frames * episodes,
-                     track_traj_ids=False)
+    base = env.base_env if hasattr(env, "base_env") else env
+    frames = base.n * base.episode_length
+    return Collector(env, PhasedPolicy(policy), frames_per_batch=frames,
+                     total_frames=frames * episodes if episodes >= 0 else -1, track_traj_ids=False,
+                     reset_at_each_iter=True)
 
 
 class EpisodeRunner:

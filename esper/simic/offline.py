@@ -1,0 +1,501 @@
+"""Offline pretraining of Tamiyo's LSTM actor-critic from episode packs (:mod:`esper.simic.packs`).
+
+Two methods, both over *whole episodes* through the LSTMs (``set_recurrent_mode(True)``,
+``is_init`` at t = 0, zero initial state), minibatched by episode, never by single steps:
+
+* ``bc`` -- behaviour cloning: the factored, masked negative log-likelihood of the pack's
+  actions under the actor, ``-sum_h relevant(h, op) * log pi_h(a_h | s[, op])``. The weighting is
+  :class:`~esper.tamiyo.lstm_policy.FactoredActionDistribution`'s own ``log_prob`` (heads that
+  do not matter for the op add nothing; the slot is scored in the op's row). Steps whose recorded
+  action is illegal under the recorded masks (which would score ``-inf``) are skipped and counted.
+
+* ``iql`` -- implicit Q-learning with torchrl's :class:`~torchrl.objectives.DiscreteIQLLoss`,
+  adapted to the factored heads (:class:`FactoredIQLLoss`). torchrl supplies the expectile value
+  loss, the TD(0) Q loss against the value of the next state, the twin-Q minimum, the target-Q
+  parameters (soft-updated with torchrl's ``SoftUpdate``) and the loss plumbing. What it lacks and
+  is written here:
+
+  - a Q-network over the joint factored action would need ``5 * S * B * tempos`` outputs; instead
+    ``Q(s, op)`` scores the op only (two MLP heads over the observation) and ``V(s)`` is an MLP;
+  - the actor loss (``actor_loss`` override): advantage-weighted regression per head. The op head
+    is weighted by ``exp(beta * (min Q(s, op) - V(s)))`` (IQL's extraction step); the sub-heads
+    (slot, blueprint, tempo), which Q does not see, by the one-step advantage of the whole action,
+    ``exp(beta * (r + gamma * V(s') - V(s)))`` (AWR); weights are clamped at 100, steps with an
+    illegal recorded action are skipped, and the actor runs recurrent over the episode.
+
+  The Q/V networks read the observation only (not the LSTM state): the observation carries the
+  accuracy/loss history and the lifecycle counters, so it is close to Markov for the value.
+
+Both methods also fit the PPO critic (recurrent, value-normalized as in PPO) to the pack's
+discounted returns, so PPO started from the checkpoint (``esper.train --init``) has a useful
+value function from its first round. The output is a checkpoint in :meth:`PPOTrainer.state`'s
+format (round 0) with the pack's ``obs_norm``: ``load_policy``/``esper.evaluate --policies
+ppo=CKPT`` load it, and :meth:`PPOTrainer.init` starts PPO from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import InteractionType, TensorDictModule, set_interaction_type
+from torch import nn
+from torchrl.modules import set_recurrent_mode
+from torchrl.modules.value_norm import RunningValueNorm
+from torchrl.objectives import DiscreteIQLLoss, SoftUpdate, ValueEstimators
+
+from esper.leyline import NUM_OPS
+from esper.simic.checkpoint import CHECKPOINT_VERSION, save_checkpoint
+from esper.simic.config import TrainingConfig
+from esper.simic.packs import MASK_KEYS, read_pack
+from esper.tamiyo.lstm_policy import (
+    ACTOR_STATE,
+    CRITIC_STATE,
+    HEAD_KEYS,
+    PolicyShape,
+    TamiyoModules,
+    relevance_table,
+)
+
+METHODS: tuple[str, ...] = ("bc", "iql")
+WAIT_BIAS = 1.0  # as esper.simic.ppo: the same initial actor
+
+__all__ = [
+    "METHODS",
+    "FactoredIQLLoss",
+    "OfflineConfig",
+    "OfflineTrainer",
+    "action_agreement",
+    "factored_log_prob",
+    "legal_steps",
+    "prepare_episodes",
+]
+
+
+@dataclass(slots=True)
+class OfflineConfig:
+    """Settings of offline pretraining (``esper.train --policy bc|iql``)."""
+
+    method: str = "bc"
+    epochs: int = 100  # passes over the training episodes
+    minibatch_episodes: int = 16
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0
+    critic_coef: float = 0.5
+    holdout: float = 0.2  # fraction of episodes held out for the agreement score
+    observation_key: str = "observation_final"  # normalized by the pack's final obs_norm
+    expectile: float = 0.7
+    temperature: float = 3.0  # IQL's inverse temperature beta
+    tau: float = 0.005  # target-Q soft update
+    q_hidden: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown offline method {self.method!r}; allowed: {list(METHODS)}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+
+
+# ----------------------------------------------------------------------------- data
+def legal_steps(td: TensorDictBase) -> torch.Tensor:
+    """``[E, T]`` bool: the recorded action is legal under the recorded masks (relevant heads)."""
+    op = td.get("op").long()
+    rel = relevance_table(op.device)[:, op]  # [4, E, T]
+    ok = td.get("op_mask").gather(-1, op.unsqueeze(-1)).squeeze(-1)
+    slot_rows = td.get("slot_mask").gather(
+        -2, op[..., None, None].expand(*op.shape, 1, td.get("slot_mask").shape[-1])
+    ).squeeze(-2)
+    for i, (head, mask) in enumerate((("slot", slot_rows), ("blueprint", td.get("blueprint_mask")),
+                                      ("tempo", td.get("tempo_mask")))):
+        legal = mask.gather(-1, td.get(head).long().unsqueeze(-1)).squeeze(-1)
+        ok = ok & (legal | ~rel[i + 1])
+    return ok
+
+
+def prepare_episodes(data: TensorDictBase, shape: PolicyShape, gamma: float,
+                     observation_key: str = "observation_final") -> TensorDict:
+    """Pack data -> the TensorDict the losses read (in memory): ``observation`` from
+    ``observation_key``, masks, actions, zero LSTM states with ``is_init`` at t = 0, the next
+    observation (the episode's last step is terminal: ``terminated = done``), discounted returns
+    ``return_to_go`` and the ``legal`` step mask."""
+    e, t = data.batch_size
+    obs = data.get(observation_key).float().clone()
+    lh = shape.lstm_hidden_size
+    td = TensorDict(
+        {
+            "observation": obs,
+            **{k: data.get(k).clone() for k in MASK_KEYS},
+            **{h: data.get(h).long().clone() for h in HEAD_KEYS},
+            "is_init": data.get("is_init").clone(),
+            **{k: torch.zeros(e, t, 1, lh) for k in (*ACTOR_STATE, *CRITIC_STATE)},
+        },
+        batch_size=[e, t],
+    )
+    reward = data.get(("next", "reward")).float().clone()
+    done = data.get(("next", "done")).clone()
+    next_obs = torch.cat([obs[:, 1:], obs[:, -1:]], dim=1)  # last step: terminal, never bootstrapped
+    td.set(("next", "observation"), next_obs)
+    td.set(("next", "reward"), reward)
+    td.set(("next", "done"), done)
+    td.set(("next", "terminated"), done.clone())
+    td.set(("next", "truncated"), torch.zeros_like(done))
+    ret = torch.zeros_like(reward)
+    running = torch.zeros_like(reward[:, 0])
+    for i in range(t - 1, -1, -1):
+        running = reward[:, i] + gamma * running * (~done[:, i]).float()
+        ret[:, i] = running
+    td.set("return_to_go", ret)
+    td.set("legal", legal_steps(td))
+    return td
+
+
+def factored_log_prob(modules: TamiyoModules, td: TensorDictBase) -> tuple[TensorDictBase, Any]:
+    """Per-head log-probabilities (``<head>_log_prob``, irrelevant heads 0) of the recorded
+    actions under the actor, run recurrent over whole episodes; and the distribution."""
+    inp = td.select("observation", *MASK_KEYS, *ACTOR_STATE, "is_init")
+    with set_recurrent_mode(True):
+        dist = modules.actor.get_dist(inp)
+    legal = td.get("legal")
+    # An illegal recorded action would score -inf (and NaN gradients): score a legal stand-in
+    # (first legal op, first legal entry of each head) and drop the step.
+    op = torch.where(legal, td.get("op"), td.get("op_mask").float().argmax(-1))
+    slot_rows = td.get("slot_mask").gather(
+        -2, op[..., None, None].expand(*op.shape, 1, td.get("slot_mask").shape[-1])).squeeze(-2)
+    stand_in = {"op": op, "slot": slot_rows.float().argmax(-1),
+                "blueprint": td.get("blueprint_mask").float().argmax(-1),
+                "tempo": td.get("tempo_mask").float().argmax(-1)}
+    actions = TensorDict({h: torch.where(legal, td.get(h), stand_in[h]) if h != "op" else op for h in HEAD_KEYS},
+                         batch_size=td.batch_size)
+    lp = dist.log_prob_composite(actions, include_sum=False)
+    out = lp.apply(lambda x: torch.where(legal, x, torch.zeros_like(x)))
+    return out, dist
+
+
+@torch.no_grad()
+def action_agreement(modules: TamiyoModules, td: TensorDictBase) -> dict[str, float]:
+    """How often the greedy actor (per-head mode, op first) picks the pack's action:
+    ``op`` (op head alone), ``action`` (op and every head relevant to it), and ``action_nonwait``
+    (the same on steps where the pack's op is not WAIT)."""
+    inp = td.select("observation", *MASK_KEYS, *ACTOR_STATE, "is_init")
+    with set_recurrent_mode(True), set_interaction_type(InteractionType.DETERMINISTIC):
+        mode = modules.actor.get_dist(inp).mode
+    op = td.get("op")
+    rel = relevance_table(op.device)[:, op]
+    same_op = mode.get("op") == op
+    full = same_op.clone()
+    for i, h in enumerate(HEAD_KEYS[1:], start=1):
+        full &= (mode.get(h) == td.get(h)) | ~rel[i]
+    nonwait = op != 0
+    n_nonwait = int(nonwait.sum())
+    return {
+        "op": float(same_op.float().mean()),
+        "action": float(full.float().mean()),
+        "action_nonwait": float(full[nonwait].float().mean()) if n_nonwait else float("nan"),
+        "steps": int(op.numel()),
+        "nonwait_steps": n_nonwait,
+    }
+
+
+# ----------------------------------------------------------------------------- IQL
+class _QNet(nn.Module):
+    def __init__(self, inp: int, hidden: int, out: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(inp, hidden), nn.LayerNorm(hidden), nn.Tanh(),
+                                 nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class FactoredIQLLoss(DiscreteIQLLoss):
+    """torchrl's discrete IQL with ``Q(s, op)`` and a factored, recurrent, masked actor loss.
+
+    The action key of the Q/V losses is ``op`` (categorical, 5); :meth:`actor_loss` is the
+    per-head advantage-weighted regression described in the module docstring. The input
+    TensorDict needs ``legal`` ([E, T] bool) and ``("next", "observation")``.
+    """
+
+    def __init__(self, modules: TamiyoModules, obs_size: int, q_hidden: int, *, gamma: float,
+                 expectile: float, temperature: float) -> None:
+        qvalue = TensorDictModule(_QNet(obs_size, q_hidden, NUM_OPS), in_keys=["observation"],
+                                  out_keys=["state_action_value"])
+        value = TensorDictModule(_QNet(obs_size, q_hidden, 1), in_keys=["observation"],
+                                 out_keys=["state_value"])
+        super().__init__(modules.actor, qvalue, value, action_space="categorical", num_qvalue_nets=2,
+                         expectile=expectile, temperature=temperature, loss_function="l2")
+        self.set_keys(action="op")
+        self.make_value_estimator(ValueEstimators.TD0, gamma=gamma)
+        self.gamma_ = gamma
+        self.modules_ref = [modules]  # not a submodule: its parameters stay the actor's
+
+    def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+        modules = self.modules_ref[0]
+        lp, _ = factored_log_prob(modules, tensordict)
+        legal = tensordict.get("legal")
+        with torch.no_grad():
+            td_q = tensordict.select(*self.qvalue_network.in_keys, strict=False)
+            td_q = self._vmap_qvalue_networkN0(td_q, self.target_qvalue_network_params)
+            q = td_q.get(self.tensor_keys.state_action_value).min(0)[0]  # [E, T, 5]
+            q_op = q.gather(-1, tensordict.get("op").long().unsqueeze(-1)).squeeze(-1)
+            with self.value_network_params.to_module(self.value_network, preserve_module_state=False):
+                v = self.value_network(tensordict.select("observation").clone()).get("state_value").squeeze(-1)
+                v_next = self.value_network(
+                    TensorDict({"observation": tensordict.get(("next", "observation"))},
+                               batch_size=tensordict.batch_size)
+                ).get("state_value").squeeze(-1)
+            reward = tensordict.get(("next", "reward")).squeeze(-1)
+            alive = (~tensordict.get(("next", "terminated")).squeeze(-1)).float()
+            adv_op = q_op - v
+            adv_all = reward + self.gamma_ * alive * v_next - v
+            w_op = torch.exp(adv_op * self.temperature).clamp_max(100.0)
+            w_sub = torch.exp(adv_all * self.temperature).clamp_max(100.0)
+        sub = sum(lp.get(f"{h}_log_prob") for h in HEAD_KEYS[1:])
+        per_step = w_op * lp.get("op_log_prob") + w_sub * sub
+        loss = -(per_step * legal).sum() / legal.sum().clamp_min(1)
+        total_lp = sum(lp.get(f"{h}_log_prob") for h in HEAD_KEYS)
+        tensordict.set(self.tensor_keys.log_prob, total_lp.detach())
+        return loss, {}
+
+
+# ----------------------------------------------------------------------------- trainer
+@dataclass(slots=True)
+class EpochStats:
+    epoch: int
+    loss: float
+    actor: float
+    critic: float
+    q: float = float("nan")
+    v: float = float("nan")
+    skipped_steps: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        s = f"epoch {self.epoch:4d}  loss {self.loss:+.4f}  actor {self.actor:+.4f}  critic {self.critic:.4f}"
+        if not math.isnan(self.q):
+            s += f"  q {self.q:.4f}  v {self.v:.4f}"
+        return s
+
+
+def policy_shape_for(meta: dict[str, Any], cfg: TrainingConfig) -> PolicyShape:
+    actions = meta["actions"]
+    return PolicyShape(
+        obs_size=int(meta["schema"]["size"]),
+        n_slots=len(actions["slots"]),
+        n_blueprints=len(actions["blueprints"]),
+        n_tempos=len(actions["tempos"]),
+        hidden_size=cfg.ppo.hidden_size,
+        lstm_hidden_size=cfg.ppo.lstm_hidden_size,
+    )
+
+
+class OfflineTrainer:
+    """Behaviour cloning or IQL from one pack; :meth:`state` is a PPO-format checkpoint.
+
+    ``cfg`` sizes the networks (``ppo.hidden_size``/``lstm_hidden_size``) and is stored in the
+    checkpoint; the pack's config is used when ``cfg`` is None (what ``esper.train --data``
+    does unless a config is given).
+    """
+
+    def __init__(self, pack: str | Path, ocfg: OfflineConfig | None = None,
+                 cfg: TrainingConfig | None = None, data: tuple[TensorDictBase, dict[str, Any]] | None = None) -> None:
+        self.ocfg = ocfg or OfflineConfig()
+        self.pack = str(pack)
+        raw, meta = data if data is not None else read_pack(pack)
+        self.meta = meta
+        self.cfg = cfg if cfg is not None else TrainingConfig.from_dict(meta["config"], f"{pack}: config")
+        torch.manual_seed(self.ocfg.seed)
+        self.shape = policy_shape_for(meta, self.cfg)
+        self.gamma = float(meta.get("gamma", self.cfg.ppo.gamma))
+        self.obs_norm = {k: v.clone() for k, v in meta.get("obs_norm_state", {}).items()}
+        td = prepare_episodes(raw, self.shape, self.gamma, self.ocfg.observation_key)
+        e = td.batch_size[0]
+        gen = torch.Generator().manual_seed(self.ocfg.seed)
+        order = torch.randperm(e, generator=gen)
+        n_hold = min(e - 1, math.ceil(self.ocfg.holdout * e)) if self.ocfg.holdout > 0 else 0
+        self.holdout_idx = order[:n_hold].sort().values
+        self.train_idx = order[n_hold:].sort().values
+        self.train_data = td[self.train_idx]
+        self.holdout_data = td[self.holdout_idx] if n_hold else None
+        self.skipped_steps = int((~td.get("legal")).sum())
+        self.value_norm = RunningValueNorm(shape=1)
+        self.modules = TamiyoModules(self.shape, self.value_norm, wait_bias=WAIT_BIAS)
+        self.value_norm.update(self.train_data.get("return_to_go").reshape(-1, 1))
+        self.iql: FactoredIQLLoss | None = None
+        if self.ocfg.method == "iql":
+            self.iql = FactoredIQLLoss(self.modules, self.shape.obs_size, self.ocfg.q_hidden, gamma=self.gamma,
+                                       expectile=self.ocfg.expectile, temperature=self.ocfg.temperature)
+            self.qv_params = [p for n, p in self.iql.named_parameters()
+                              if n.startswith(("qvalue_network_params", "value_network_params"))]
+            self.qv_optimizer = torch.optim.Adam(self.qv_params, lr=self.ocfg.lr)
+            self.target_update = SoftUpdate(self.iql, tau=self.ocfg.tau)
+        # After the IQL loss is built (torchrl's functional conversion): the actor's own parameters.
+        self.params = [p for p in self.modules.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=self.ocfg.lr, eps=1e-5)
+        self.shuffle = torch.Generator().manual_seed(self.ocfg.seed + 1)
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------- losses
+    def critic_loss(self, td: TensorDictBase) -> torch.Tensor:
+        inp = td.select("observation", *CRITIC_STATE, "is_init")
+        with set_recurrent_mode(True):
+            value = self.modules.critic(inp).get("state_value")
+        vn = self.value_norm
+        return (vn.normalize(value) - vn.normalize(td.get("return_to_go"))).pow(2).mean()
+
+    def bc_loss(self, td: TensorDictBase) -> torch.Tensor:
+        lp, _ = factored_log_prob(self.modules, td)
+        legal = td.get("legal")
+        total = sum(lp.get(f"{h}_log_prob") for h in HEAD_KEYS)
+        return -(total * legal).sum() / legal.sum().clamp_min(1)
+
+    def step(self, mb: TensorDictBase) -> dict[str, torch.Tensor]:
+        """One gradient step on a minibatch of whole episodes."""
+        critic = self.critic_loss(mb)
+        out: dict[str, torch.Tensor] = {"critic": critic.detach()}
+        if self.iql is None:
+            actor = self.bc_loss(mb)
+            self.optimizer.zero_grad(set_to_none=True)
+            (actor + self.ocfg.critic_coef * critic).backward()
+        else:
+            with set_recurrent_mode(True):
+                losses = self.iql(mb.clone(False))
+            actor = losses["loss_actor"]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.qv_optimizer.zero_grad(set_to_none=True)
+            (actor + self.ocfg.critic_coef * critic + losses["loss_qvalue"] + losses["loss_value"]).backward()
+            nn.utils.clip_grad_norm_(self.qv_params, self.ocfg.max_grad_norm)
+            self.qv_optimizer.step()
+            self.target_update.step()
+            out |= {"q": losses["loss_qvalue"].detach(), "v": losses["loss_value"].detach()}
+        nn.utils.clip_grad_norm_(self.params, self.ocfg.max_grad_norm)
+        self.optimizer.step()
+        out["actor"] = actor.detach()
+        return out
+
+    def train_epoch(self) -> EpochStats:
+        self.modules.train()
+        e = self.train_data.batch_size[0]
+        order = torch.randperm(e, generator=self.shuffle)
+        sums: dict[str, float] = {}
+        count = 0
+        for idx in order.split(self.ocfg.minibatch_episodes):
+            out = self.step(self.train_data[idx])
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+        self.epoch += 1
+        m = {k: v / count for k, v in sums.items()}
+        stats = EpochStats(epoch=self.epoch, loss=m["actor"] + self.ocfg.critic_coef * m["critic"] + m.get("q", 0.0)
+                           + m.get("v", 0.0), actor=m["actor"], critic=m["critic"], q=m.get("q", float("nan")),
+                           v=m.get("v", float("nan")), skipped_steps=self.skipped_steps)
+        self.history.append(asdict(stats))
+        return stats
+
+    def train(self, epochs: int | None = None, on_epoch: Callable[[EpochStats], None] | None = None) -> list[EpochStats]:
+        out = []
+        for _ in range(epochs if epochs is not None else self.ocfg.epochs):
+            stats = self.train_epoch()
+            out.append(stats)
+            if on_epoch is not None:
+                on_epoch(stats)
+        return out
+
+    def agreement(self, held_out: bool = True) -> dict[str, float]:
+        """Greedy-actor agreement with the pack on held-out (or training) episodes."""
+        td = self.holdout_data if held_out and self.holdout_data is not None else self.train_data
+        self.modules.eval()
+        return action_agreement(self.modules, td)
+
+    # ------------------------------------------------------------------------- checkpoint
+    def state(self) -> dict[str, Any]:
+        """A checkpoint in :meth:`PPOTrainer.state`'s format (round 0), plus an ``offline`` record."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "round": 0,
+            "config": self.cfg.model_dump(mode="json"),
+            "policy_shape": asdict(self.shape),
+            "modules": self.modules.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "obs_norm": self.obs_norm,
+            "env_episode": torch.zeros(self.cfg.episode.envs, dtype=torch.long),
+            "rng": {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state()},
+            "history": [],
+            "offline": {
+                "method": self.ocfg.method,
+                "settings": asdict(self.ocfg),
+                "pack": self.pack,
+                "pack_command": self.meta.get("command"),
+                "pack_policies": self.meta.get("policies"),
+                "pack_created": self.meta.get("created"),
+                "epochs": self.epoch,
+                "history": list(self.history),
+            },
+        }
+
+    def save(self, path: str | Path) -> Path:
+        return save_checkpoint(path, self.state())
+
+
+# ----------------------------------------------------------------------------- command line
+def train_offline(args: Any, console: Any) -> int:
+    """``python -m esper.train --policy bc|iql --data PACK [--save CKPT] [--offline-epochs N]``.
+
+    The networks are sized and the checkpoint's config taken from the pack's config, unless
+    ``--preset``/``--config`` is given. Per-epoch loss lines, then the greedy actor's agreement
+    with the pack on held-out episodes. Errors: ``error: what (where); allowed`` on stderr, 2.
+    """
+    import sys
+
+    from esper.simic.cli import build_config
+    from esper.simic.config import ConfigError
+    from esper.simic.packs import PackError
+
+    def fail(what: str, where: str, allowed: str) -> int:
+        print(f"error: {what} ({where}); {allowed}", file=sys.stderr)
+        return 2
+
+    if args.data is None:
+        return fail(f"--policy {args.policy} needs a pack", "--data", "a directory written by esper.generate")
+    if getattr(args, "resume", None) is not None or getattr(args, "init", None) is not None:
+        return fail("--resume/--init apply to PPO only", "--policy", "train PPO with --init CKPT afterwards")
+    try:
+        pack = read_pack(args.data)
+    except PackError as err:
+        return fail(str(err), "--data", "a pack written by esper.generate with this code's observation schema")
+    try:
+        cfg = build_config(args) if (args.config is not None or args.preset not in (None, "default")) else None
+        epochs = getattr(args, "offline_epochs", None)
+        ocfg = OfflineConfig(method=args.policy, **({"epochs": epochs} if epochs else {}))
+    except (ConfigError, ValueError) as err:
+        return fail(str(err), "configuration", "see --preset/--config and the flags")
+    run_dir = Path(cfg.run_dir if cfg is not None else pack[1]["config"].get("run_dir", "runs/latest"))
+    save = Path(args.save) if args.save is not None else run_dir / f"{args.policy}.pt"
+    parent = save.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return fail(f"cannot write {save}", "--save", "a path under a writable directory")
+    trainer = OfflineTrainer(args.data, ocfg, cfg=cfg, data=pack)
+    e, t = pack[0].batch_size
+    console.print(f"{args.policy} from {args.data}: {e} episodes x {t} steps ({len(trainer.train_idx)} train, "
+                  f"{len(trainer.holdout_idx)} held out) from {pack[1].get('policies')}; {ocfg.epochs} epochs; "
+                  f"{trainer.skipped_steps} steps with illegal recorded actions skipped", highlight=False)
+    trainer.train(on_epoch=lambda s: console.print(s.line(), highlight=False, markup=False))
+    trainer.save(save)
+    held = trainer.holdout_data is not None
+    agree = trainer.agreement(held_out=held)
+    console.print(
+        f"action agreement with the pack on {'held-out' if held else 'training (nothing held out)'} episodes: "
+        f"op {agree['op']:.3f}, full action {agree['action']:.3f}, non-wait steps {agree['action_nonwait']:.3f} "
+        f"({agree['steps']} steps, {agree['nonwait_steps']} non-wait); checkpoint {save}",
+        highlight=False, markup=False,
+    )
+    return 0

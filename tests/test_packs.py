@@ -1,0 +1,241 @@
+"""Episode packs (write/read/schema), esper.generate, offline BC/IQL and PPO's --init."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tensordict import TensorDict
+from tiny_config import TINY
+
+from esper import generate, train
+from esper.leyline import SCHEMA_VERSION, ObservationSchema
+from esper.simic.checkpoint import load_checkpoint
+from esper.simic.config import TrainingConfig
+from esper.simic.env import MorphogeneticEnv
+from esper.simic.offline import OfflineConfig, OfflineTrainer
+from esper.simic.packs import PackError, PackSchemaError, read_pack, write_pack
+from esper.simic.ppo import PPOTrainer, load_policy
+from esper.tamiyo.lstm_policy import HEAD_KEYS
+
+# Long enough that the tiny heuristic germinates, advances and germinates again (21 of 48 steps
+# are not WAIT), small enough to generate in a few seconds.
+TINY6 = copy.deepcopy(TINY) | {"episode": {"length": 6, "envs": 4}}
+
+
+def _config_file(tmp: Path, data: dict, name: str) -> Path:
+    path = tmp / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def heuristic_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``python -m esper.generate`` end to end: 2 episodes x 4 envs of the heuristic."""
+    tmp = tmp_path_factory.mktemp("heuristic")
+    cfg = _config_file(tmp, TINY6, "tiny6.json")
+    out = tmp / "pack"
+    rc = generate.main(["--policies", "heuristic", "--episodes", "2", "--config", str(cfg), "--backends", "jsonl",
+                        "--run-dir", str(tmp / "run"), "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_pack(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A rule policy and a sampled learned policy (an untrained PPO checkpoint) in one pack."""
+    tmp = tmp_path_factory.mktemp("mixed")
+    cfg_file = _config_file(tmp, TINY, "tiny.json")
+    ckpt = PPOTrainer(TrainingConfig.from_dict(TINY)).save(tmp / "ppo0.pt")
+    out = tmp / "pack"
+    rc = generate.main(["--policies", f"static,ppo_sample={ckpt}", "--config", str(cfg_file), "--backends", "jsonl",
+                        "--run-dir", str(tmp / "run"), "--out", str(out)])
+    assert rc == 0
+    return out, cfg_file
+
+
+# ----------------------------------------------------------------------------- packs
+def _schema_meta() -> dict:
+    schema = ObservationSchema(history_length=2, blueprints=("norm", "conv_small"))
+    return {"schema": {**schema.to_dict(), "size": schema.size}, "command": "test"}
+
+
+def test_pack_round_trip(tmp_path: Path) -> None:
+    e, t, f = 3, 4, 7
+    data = TensorDict(
+        {
+            "observation": torch.randn(e, t, f),
+            "op": torch.randint(0, 5, (e, t)),
+            "op_mask": torch.rand(e, t, 5) > 0.5,
+            "op_log_prob": torch.randn(e, t),
+            ("next", "reward"): torch.randn(e, t, 1),
+            ("next", "done"): torch.zeros(e, t, 1, dtype=torch.bool),
+            ("next", "reward_components", "rent"): torch.randn(e, t),
+        },
+        batch_size=[e, t],
+    )
+    norm = {"mean": torch.randn(f), "var": torch.rand(f), "count": torch.tensor(12.0)}
+    out = write_pack(tmp_path / "p", data, _schema_meta(), norm)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # the temp dir was renamed away
+    back, meta = read_pack(out)
+    assert back.batch_size == (e, t)
+    assert (back.clone() == data).all()
+    for k, v in norm.items():
+        assert torch.equal(meta["obs_norm_state"][k], v)
+    assert meta["format_version"] == 1 and meta["schema"]["version"] == SCHEMA_VERSION
+    assert meta["keys"]["next.reward_components.rent"] == {"dtype": "float32", "shape": [e, t]}
+    assert not list((out / "data").rglob("*.pkl")) and not list((out / "data").rglob("*.pt"))
+    with pytest.raises(PackError, match="not empty"):  # never written over
+        write_pack(out, data, _schema_meta(), norm)
+
+
+def test_generated_pack_is_self_describing(heuristic_pack: Path) -> None:
+    data, meta = read_pack(heuristic_pack)
+    e, t = data.batch_size
+    assert (e, t) == (8, 6)
+    for key in ("observation", "observation_final", "observation_raw", "op_mask", "slot_mask", "blueprint_mask",
+                "tempo_mask", *HEAD_KEYS, "reason", *(f"{h}_log_prob" for h in HEAD_KEYS), "is_init",
+                "policy_id", ("next", "reward"), ("next", "done"), ("next", "terminated"), ("next", "truncated"),
+                ("next", "reward_components", "total")):
+        assert key in data.keys(include_nested=True), key
+    assert meta["schema"]["size"] == data["observation"].shape[-1] and meta["schema"]["names"]
+    assert meta["telemetry_profile"] == "minimal" and "rent" in meta["reward"]
+    assert meta["config"]["episode"]["length"] == 6 and meta["command"].startswith("python -m esper.generate")
+    assert set(meta["obs_norm_state"]) == {"mean", "var", "count"} and float(meta["obs_norm_state"]["count"]) > 0
+    assert meta["policies"] == ["heuristic"] and len(meta["episodes"]) == e
+    first = meta["episodes"][0]
+    for k in ("policy", "trajectory", "test_acc", "final_val_acc", "fossilized", "reward_components"):
+        assert k in first, k
+    assert (data["reason"] >= 0).all() and (data["op_log_prob"] == 0).all()  # rule policy: no log-probs
+    assert data["next", "done"][:, -1].all() and not data["next", "done"][:, :-1].any()
+    # The rewards recorded per step add up to each episode's summary total.
+    totals = torch.tensor([ep["total_reward"] for ep in meta["episodes"]])
+    torch.testing.assert_close(data["next", "reward"].sum((1, 2)).double(), totals.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_learned_policy_log_probs_recorded(mixed_pack: tuple[Path, Path]) -> None:
+    data, meta = read_pack(mixed_pack[0])
+    assert meta["policies"][0] == "static" and meta["policies"][1].startswith("ppo_sample=")
+    static, learned = data["policy_id"][:, 0] == 0, data["policy_id"][:, 0] == 1
+    assert static.sum() == 2 and learned.sum() == 2
+    assert (data["op_log_prob"][static] == 0).all()
+    assert (data["op_log_prob"][learned] < 0).all()  # sampled from a fresh actor: log-probs below 0
+    assert (data["reason"][learned] == -1).all()
+
+
+def test_schema_mismatch_is_refused_naming_fields(heuristic_pack: Path, tmp_path: Path) -> None:
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(heuristic_pack, copy_dir)
+    meta = json.loads((copy_dir / "meta.json").read_text())
+    meta["schema"]["names"] = [n for n in meta["schema"]["names"] if n != "val_acc"]
+    meta["schema"]["size"] -= 1
+    (copy_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(PackSchemaError, match=r"size: pack \d+ != code \d+.*names: missing \['val_acc'\]"):
+        read_pack(copy_dir)
+    meta["schema"]["version"] = SCHEMA_VERSION + 1
+    (copy_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version: pack"):
+        read_pack(copy_dir)
+    # Against a run's own schema (another blueprint set): the fields that differ are named.
+    other = ObservationSchema(history_length=4, blueprints=("norm", "attention"))
+    with pytest.raises(PackSchemaError, match=r"blueprints: pack \['norm', 'conv_small'\] != code"):
+        read_pack(heuristic_pack, schema=other)
+
+
+def test_generate_refuses_bad_inputs_before_work(heuristic_pack: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        (["--policies", "heuristic,nope", "--out", str(tmp_path / "a")], "unknown policy 'nope' (--policies)"),
+        (["--out", str(heuristic_pack)], "is not empty (--out)"),
+        (["--out", str(tmp_path / "a"), "--policies", "ppo_sample"], "needs a checkpoint (--policies)"),
+    ]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases.append((["--out", str(blocker / "pack")], "(--out)"))
+    for argv, message in cases:
+        assert generate.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "; " in err, err
+    assert not (tmp_path / "a").exists()
+
+
+# ----------------------------------------------------------------------------- offline
+def _small_nets(meta: dict) -> TrainingConfig:
+    return TrainingConfig.from_dict(meta["config"]).updated(ppo={"hidden_size": 32, "lstm_hidden_size": 32})
+
+
+def test_bc_clones_the_heuristic(heuristic_pack: Path) -> None:
+    data, meta = read_pack(heuristic_pack)
+    trainer = OfflineTrainer(heuristic_pack, OfflineConfig(method="bc", holdout=0.0, lr=3e-3),
+                             cfg=_small_nets(meta), data=(data, meta))
+    before = trainer.agreement(held_out=False)
+    history = trainer.train(300)  # one minibatch of all 8 episodes per epoch: 300 steps
+    after = trainer.agreement(held_out=False)
+    assert history[-1].actor < 0.2 * history[0].actor
+    assert history[-1].critic < history[0].critic
+    assert after["nonwait_steps"] >= 15  # the pack holds real decisions, not only WAITs
+    assert after["action"] >= 0.9 and after["action_nonwait"] >= 0.8, (before, after)
+    assert after["action_nonwait"] > before["action_nonwait"] + 0.5
+
+
+def test_iql_loss_is_finite_with_gradients_on_all_heads(heuristic_pack: Path) -> None:
+    data, meta = read_pack(heuristic_pack)
+    trainer = OfflineTrainer(heuristic_pack, OfflineConfig(method="iql", holdout=0.25), cfg=_small_nets(meta),
+                             data=(data, meta))
+    assert trainer.iql is not None
+    losses = trainer.iql(trainer.train_data.clone(False))
+    for k in ("loss_actor", "loss_qvalue", "loss_value"):
+        assert torch.isfinite(losses[k]), k
+    (losses["loss_actor"] + losses["loss_qvalue"] + losses["loss_value"]).backward()
+    heads = dict(trainer.modules.named_parameters())
+    for h in HEAD_KEYS:
+        (name,) = [n for n in heads if n.endswith(f".{h}.weight")]
+        grad = heads[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, h
+    for p in trainer.qv_params:
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    stats = trainer.train(3)
+    assert all(torch.isfinite(torch.tensor([s.loss, s.q, s.v])).all() for s in stats)
+    agree = trainer.agreement()
+    assert 0.0 <= agree["action"] <= 1.0 and agree["steps"] == 2 * 6
+
+
+def test_offline_cli_then_evaluate_and_ppo_init(heuristic_pack: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "bc.pt"
+    rc = train.main(["--policy", "bc", "--data", str(heuristic_pack), "--offline-epochs", "3", "--save", str(ckpt)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "epoch    3  loss" in out and "action agreement with the pack on held-out" in out
+    saved = load_checkpoint(ckpt)
+    assert saved["round"] == 0 and saved["offline"]["method"] == "bc"
+    _, meta = read_pack(heuristic_pack)
+    assert torch.equal(saved["obs_norm"]["mean"], meta["obs_norm_state"]["mean"])
+
+    cfg = TrainingConfig.from_dict(TINY6)
+    # The evaluation path loads it like a PPO checkpoint, with the pack's normalizer.
+    env = MorphogeneticEnv(cfg)
+    load_policy(ckpt, env, deterministic=True)
+    assert torch.equal(env.features.norm.mean, saved["obs_norm"]["mean"])
+
+    # PPO starts from it: the actor/critic and obs_norm are the checkpoint's before any update.
+    trainer = PPOTrainer(cfg)
+    trainer.init(ckpt)
+    assert trainer.round == 0 and trainer.history == []
+    state = trainer.modules.state_dict()
+    for k, v in saved["modules"].items():
+        assert torch.equal(state[k], v), k
+    assert torch.equal(trainer.base_env.features.norm.mean, saved["obs_norm"]["mean"])
+    assert not trainer.optimizer.state  # a fresh optimizer
+
+    cfg_file = _config_file(tmp_path, TINY6 | {"episode": {"length": 3, "envs": 2}}, "tiny3.json")
+    rc = train.main(["--init", str(ckpt), "--config", str(cfg_file), "--preset", "default", "--rounds", "1",
+                     "--backends", "jsonl", "--run-dir", str(tmp_path / "run"), "--save", str(tmp_path / "ppo.pt")])
+    assert rc == 0 and f"initialized from {ckpt}" in capsys.readouterr().out.replace("\n", "")
+    assert train.main(["--init", str(tmp_path / "missing.pt")]) == 2
+    assert "(--init)" in capsys.readouterr().err
+    assert train.main(["--policy", "iql", "--data", str(tmp_path / "nope")]) == 2
+    assert "(--data)" in capsys.readouterr().err
