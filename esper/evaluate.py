@@ -21,11 +21,20 @@ from rich.console import Console
 from rich.table import Table
 
 import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
-from esper.simic.cli import add_common_args, build_config, make_hub, maybe_trace, telemetry_profile
-from esper.simic.config import ConfigError
+from esper.simic.cli import add_common_args, make_hub, maybe_trace
 from esper.simic.env import MorphogeneticEnv, load_config_task
+from esper.simic.preflight import (
+    Interrupted,
+    StopSignals,
+    UsageError,
+    add_debug_arg,
+    check_config,
+    check_file_target,
+    parse_policies,
+    run_cli,
+)
 from esper.simic.runner import EpisodeRunner, EpisodeSummary
-from esper.tamiyo.policies import POLICIES, make_policy, parse_spec
+from esper.tamiyo.policies import POLICIES, make_policy
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,16 +43,23 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated specs from {sorted(POLICIES)} (name or name=ARG)")
     p.add_argument("--json", type=Path, help="write the results table here (atomically)")
     add_common_args(p)
+    add_debug_arg(p)
     return p
 
 
 def aggregate(summaries: list[EpisodeSummary], seconds: float) -> dict[str, Any]:
+    """Means and spreads over the valid episodes (governed ones, rolled back by the governor,
+    are counted but never averaged in)."""
+    governed = sum(1 for s in summaries if s.governed)
+    summaries = [s for s in summaries if not s.governed]
+
     def stat(values: list[float]) -> dict[str, float]:
         a = np.asarray(values, dtype=np.float64)
         return {"mean": float(a.mean()), "std": float(a.std())}
 
     return {
         "episodes": len(summaries),
+        "governed_episodes": governed,
         "test_acc": stat([s.test_acc for s in summaries]),
         "final_val_acc": stat([s.final_val_acc for s in summaries]),
         "params_added": stat([s.params_added for s in summaries]),
@@ -57,6 +73,8 @@ def aggregate(summaries: list[EpisodeSummary], seconds: float) -> dict[str, Any]
 
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by an interrupted write
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -81,30 +99,43 @@ def results_table(results: dict[str, dict[str, Any]]) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=200)
-    try:
-        cfg = build_config(args)
-        profile = telemetry_profile(cfg)
-        specs = [s.strip() for s in args.policies.split(",") if s.strip()]
-        for spec in specs:
-            cfg.check_for(parse_spec(spec)[0])
-    except (ConfigError, ValueError) as err:
-        console.print(f"[red]configuration error:[/red] {err}")
-        return 2
+    parsed = parse_policies(args.policies)
+    cfg, profile = check_config(args, [name for name, _ in parsed])
+    check_file_target(args.json, "--json")
+    specs = [s.strip() for s in args.policies.split(",")]
     task = load_config_task(cfg)
+    # Every policy is built (checkpoints matched to the env) before any of them runs; a fresh
+    # env per policy with the same seeds: every policy sees identical hosts.
+    runs = []
+    for spec in specs:
+        env = MorphogeneticEnv(cfg, task=task)
+        try:
+            runs.append((spec, env, make_policy(spec, env, cfg, seed=cfg.episode.seed)))
+        except ValueError as err:
+            raise UsageError(str(err), "--policies", "a policy that can be built for this env") from None
     results: dict[str, dict[str, Any]] = {}
-    with make_hub(cfg) as hub, maybe_trace(args.trace, f"evaluate-{cfg.telemetry.profile}"):
-        for spec in specs:
-            # A fresh env per policy with the same seeds: every policy sees identical hosts.
-            env = MorphogeneticEnv(cfg, task=task)
-            policy = make_policy(spec, env, cfg, seed=cfg.episode.seed)
-            start = time.perf_counter()
-            summaries = EpisodeRunner(env, policy, hub=hub, profile=profile).run(cfg.episode.episodes)
-            results[spec] = aggregate(summaries, time.perf_counter() - start)
-            r = results[spec]
-            console.print(f"{spec}: test acc {r['test_acc']['mean']:.2f} ± {r['test_acc']['std']:.2f} "
-                          f"(val {r['final_val_acc']['mean']:.2f}) in {r['seconds']:.0f}s")
+    try:
+        with StopSignals() as stop, make_hub(cfg) as hub, maybe_trace(args.trace, f"evaluate-{cfg.telemetry.profile}"):
+            for spec, env, policy in runs:
+                start = time.perf_counter()
+                runner = EpisodeRunner(env, policy, hub=hub, profile=profile, on_epoch=stop.check)
+                summaries = runner.run(cfg.episode.episodes)
+                results[spec] = aggregate(summaries, time.perf_counter() - start)
+                r = results[spec]
+                console.print(f"{spec}: test acc {r['test_acc']['mean']:.2f} ± {r['test_acc']['std']:.2f} "
+                              f"(val {r['final_val_acc']['mean']:.2f}) in {r['seconds']:.0f}s"
+                              + (f"; {r['governed_episodes']} governed episodes excluded"
+                                 if r["governed_episodes"] else ""))
+    except Interrupted as err:
+        print(f"interrupted; {len(results)} of {len(specs)} policies evaluated, no results written",
+              file=sys.stderr)
+        return err.exit_code
     console.print(results_table(results))
     if args.json:
         write_json_atomic(args.json, {
@@ -114,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": cfg.model_dump(mode="json"),
             "results": results,
         })
+        console.print(f"results {args.json}")
     return 0
 
 

@@ -17,19 +17,20 @@ from typing import Any
 
 import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
 from esper.simic.checkpoint import CheckpointError, check_matches, load_checkpoint
-from esper.simic.cli import add_common_args, build_config, make_hub, telemetry_profile
-from esper.simic.config import ConfigError
+from esper.simic.cli import add_common_args, make_hub
 from esper.simic.env import MorphogeneticEnv
 from esper.simic.packs import PackBuilder, PackError, check_out_dir, write_pack
+from esper.simic.preflight import (
+    StopSignals,
+    UsageError,
+    add_debug_arg,
+    check_config,
+    parse_policies,
+    refuse_flags,
+    run_cli,
+)
 from esper.simic.runner import collector_for
 from esper.tamiyo.policies import POLICIES, make_policy, parse_spec
-
-
-class UsageError(Exception):
-    """An input refused before any work: ``what``, ``where``, ``allowed``."""
-
-    def __init__(self, what: str, where: str, allowed: str) -> None:
-        super().__init__(f"error: {what} ({where}); {allowed}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,58 +39,35 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated specs from {sorted(POLICIES)} (name or name=ARG)")
     p.add_argument("--out", type=Path, required=True, help="pack directory to create (absent or empty)")
     add_common_args(p)
+    add_debug_arg(p)
     return p
 
 
 def check_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """Config, telemetry profile and policy specs, or :class:`UsageError` (nothing run yet)."""
-    specs = [s.strip() for s in args.policies.split(",") if s.strip()]
-    if not specs:
-        raise UsageError("no policy given", "--policies", f"allowed: {sorted(POLICIES)}")
-    for spec in specs:
-        try:
-            name, arg = parse_spec(spec)
-        except ValueError:
-            raise UsageError(f"unknown policy {spec.partition('=')[0]!r}", "--policies",
-                             f"allowed: {sorted(POLICIES)} (name or name=ARG)") from None
-        if name in ("ppo", "ppo_sample"):
-            if not arg:
-                raise UsageError(f"policy {name!r} needs a checkpoint", "--policies", f"write {name}=PATH")
-            try:
-                load_checkpoint(arg)
-            except CheckpointError as err:
-                raise UsageError(f"unusable checkpoint: {err}", "--policies",
-                                 "a checkpoint written by esper.train") from None
-    if len(set(specs)) != len(specs):
-        raise UsageError("a policy is listed twice", "--policies", "list each spec once")
+    refuse_flags(args, ("--trace",), "generate")
+    parsed = parse_policies(args.policies)
+    specs = [s.strip() for s in args.policies.split(",")]
     why = check_out_dir(args.out)
     if why is not None:
         raise UsageError(f"{args.out} {why}", "--out", "a new path or an empty directory under a writable parent")
-    try:
-        cfg = build_config(args)
-        profile = telemetry_profile(cfg)
-    except (ConfigError, ValueError) as err:
-        raise UsageError(str(err), "configuration", "see --preset/--config and the flags") from None
-    for spec in specs:
-        try:
-            cfg.check_for(parse_spec(spec)[0])
-        except ConfigError as err:
-            raise UsageError(str(err), "configuration", "fix the policy's config section") from None
+    cfg, profile = check_config(args, [name for name, _ in parsed])
     return cfg, profile, specs
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    try:
-        cfg, profile, specs = check_inputs(args)
-    except UsageError as err:
-        print(err, file=sys.stderr)
-        return 2
+    cfg, profile, specs = check_inputs(args)
     command = "python -m esper.generate " + " ".join(argv)
     start = time.perf_counter()
-    with make_hub(cfg) as hub:
+    with StopSignals() as stop, make_hub(cfg) as hub:  # a signal: no pack, one line, exit 130/143
         env = MorphogeneticEnv(cfg, profile=profile, hub=hub)  # one env: its normalizer spans the pack
+        env.pipeline.callbacks.append(stop.check)
         builder = PackBuilder(env)
         layout = {"obs_size": env.schema.size, "n_slots": len(env.slots), "n_blueprints": len(env.blueprint_names)}
         for spec in specs:  # learned policies must fit this env before anything runs

@@ -14,14 +14,29 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from esper.simic.checkpoint import CheckpointError, load_checkpoint
-from esper.simic.cli import add_common_args, build_config, make_hub, maybe_trace, telemetry_profile
+from esper.simic.cli import add_common_args, make_hub, maybe_trace
 from esper.simic.config import ConfigError
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.governor import policy_divergence
 from esper.simic.offline import METHODS as OFFLINE_METHODS
 from esper.simic.offline import train_offline
-from esper.simic.ppo import PPOTrainer, RoundStats
+from esper.simic.ppo import PPOTrainer
+from esper.simic.preflight import (
+    Interrupted,
+    StopSignals,
+    UsageError,
+    add_debug_arg,
+    check_config,
+    check_fresh_checkpoint,
+    check_resume,
+    parse_policies,
+    refuse_flags,
+    run_cli,
+)
 from esper.simic.runner import EpisodeRunner, EpisodeSummary
 from esper.tamiyo.policies import POLICIES, make_policy
+
+PPO_ONLY = ("--rounds", "--resume", "--init", "--force")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,60 +50,88 @@ def parser() -> argparse.ArgumentParser:
                                              "(e.g. one from --policy bc|iql); fresh optimizer, round 0")
     p.add_argument("--data", type=Path, help="episode pack (esper.generate) for --policy bc or iql")
     p.add_argument("--offline-epochs", type=int, help="passes over the pack for --policy bc|iql")
+    p.add_argument("--force", action="store_true", help="let a fresh PPO run overwrite an existing checkpoint")
     add_common_args(p)
+    add_debug_arg(p)
     # The preset follows the policy unless given: PPO trains on the `ppo` preset, any other
     # controller runs the `default` one. The header line names the preset that ran.
     p.set_defaults(preset=None)
     return p
 
 
-def train_ppo(args: argparse.Namespace, console: Console) -> int:
-    """Train with :class:`PPOTrainer`, one progress line per round, checkpoint every round."""
-    try:
-        cfg = build_config(args)
-        if args.rounds is not None:
+def preflight_ppo(args: argparse.Namespace) -> tuple[object, object, Path]:
+    """Everything a PPO run needs, checked before any work: config, profile, device, data,
+    backends, run dir, trace dir, --init/--resume checkpoints and the save target."""
+    refuse_flags(args, ("--data", "--offline-epochs"), "ppo")
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError(f"--rounds {args.rounds}", "--rounds", "a positive number of rounds")
+    cfg, profile = check_config(args, ["ppo"])
+    if args.rounds is not None:
+        try:
             cfg = cfg.updated(ppo={"rounds": args.rounds})
-        cfg.check_for("ppo")
-        profile = telemetry_profile(cfg)
-    except (ConfigError, ValueError) as err:
-        console.print(f"[red]configuration error:[/red] {err}")
-        return 2
+        except ConfigError as err:
+            raise UsageError(str(err), "--rounds", "a positive number of rounds") from None
     save = args.save or Path(cfg.run_dir) / "ppo.pt"
-    if args.init is not None:  # checked before any work
-        why = "--init starts a new run; --resume continues one" if args.resume is not None else None
+    if args.init is not None:
+        if args.resume is not None:
+            raise UsageError("--init starts a new run; --resume continues one", "--init", "give one of them")
         try:
             load_checkpoint(args.init)
         except CheckpointError as err:
-            why = str(err)
-        if why is not None:
-            print(f"error: {why} (--init); a checkpoint written by esper.train (ppo, bc or iql)", file=sys.stderr)
-            return 2
+            raise UsageError(str(err), "--init", "a checkpoint written by esper.train (ppo, bc or iql)") from None
+    if args.resume is not None:
+        check_resume(args.resume, cfg.ppo.rounds)
+    check_fresh_checkpoint(save, args.resume, args.force)
+    return cfg, profile, save
+
+
+def train_ppo(args: argparse.Namespace, console: Console) -> int:
+    """Train with :class:`PPOTrainer`, one progress line per round, checkpoint every round.
+
+    SIGINT/SIGTERM stop at the end of the current epoch (the partial round is dropped, the
+    last complete checkpoint kept); a diverging policy is not saved and the run exits 1.
+    """
+    cfg, profile, save = preflight_ppo(args)
     start = time.perf_counter()
-    with make_hub(cfg) as hub, maybe_trace(args.trace, f"ppo-{cfg.telemetry.profile}"):
+    last: tuple[Path, int] | None = None  # the last complete checkpoint and its round
+    with StopSignals() as stop, make_hub(cfg) as hub, maybe_trace(args.trace, f"ppo-{cfg.telemetry.profile}"):
         trainer = PPOTrainer(cfg, hub=hub, profile=profile)
+        trainer.base_env.pipeline.callbacks.append(stop.check)
         if args.init is not None:
             try:
                 trainer.init(args.init)
             except (CheckpointError, ConfigError) as err:
-                print(f"error: cannot start from {args.init}: {err} (--init); a checkpoint of the same "
-                      "policy shape (esper.train --policy ppo|bc|iql)", file=sys.stderr)
-                return 2
+                raise UsageError(f"cannot start from {args.init}: {err}", "--init",
+                                 "a checkpoint of the same policy shape (esper.train --policy ppo|bc|iql)") from None
             console.print(f"initialized from {args.init}")
         if args.resume is not None:
             try:
                 trainer.resume(args.resume)
             except (CheckpointError, ConfigError) as err:
-                console.print(f"[red]cannot resume:[/red] {err}")
-                return 2
+                raise UsageError(f"cannot resume: {err}", "--resume", "a checkpoint of this run's config") from None
+            last = (args.resume, trainer.round)
             console.print(f"resumed {args.resume} at round {trainer.round}")
         console.print(f"PPO (preset {args.preset}): {cfg.episode.envs} envs x {cfg.episode.length} epochs "
                       f"per round, {cfg.ppo.rounds} rounds, task seed {cfg.task.seed}, host seed "
                       f"{cfg.episode.seed}, telemetry {profile.name}, compile={cfg.compile}, device={cfg.device}")
-
-        def on_round(stats: RoundStats) -> None:
-            console.print(f"{time.perf_counter() - start:7.1f}s {stats.line()}", highlight=False, markup=False)
-
-        trainer.train(cfg.ppo.rounds, on_round=on_round, save=save)
+        try:
+            while trainer.round < cfg.ppo.rounds:
+                stats = trainer.train_round()
+                console.print(f"{time.perf_counter() - start:7.1f}s {stats.line()}", highlight=False, markup=False)
+                why = policy_divergence(stats, trainer.params)
+                if why is not None:
+                    kept = f"last checkpoint {last[0]} at round {last[1]} kept" if last else "no checkpoint written"
+                    print(f"error: the policy diverged: {why} (ppo round {stats.round}); {kept}; "
+                          "lower ppo.lr or raise ppo.entropy_coef", file=sys.stderr)
+                    return 1
+                trainer.save(save)
+                last = (save, trainer.round)
+                stop.check()
+        except Interrupted as err:
+            hub.flush()
+            kept = f"last checkpoint {last[0]} at round {last[1]}" if last else "no checkpoint written"
+            print(f"interrupted; {kept}", file=sys.stderr)
+            return err.exit_code
     pipe = trainer.base_env.pipeline
     console.print(f"done: {trainer.round} rounds in {time.perf_counter() - start:.1f}s; checkpoint {save}; "
                   f"{pipe.transfers} host transfers for {pipe.epochs} epochs")
@@ -106,6 +149,10 @@ def summary_table(summaries: list[EpisodeSummary], title: str) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if args.preset is None:
@@ -113,41 +160,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.policy == "ppo":
         return train_ppo(args, console)
     if args.policy in OFFLINE_METHODS:
+        refuse_flags(args, ("--rounds", "--force", "--trace"), args.policy)
         return train_offline(args, console)
-    try:
-        cfg = build_config(args)
-        profile = telemetry_profile(cfg)
-    except (ConfigError, ValueError) as err:
-        console.print(f"[red]configuration error:[/red] {err}")
-        return 2
+    refuse_flags(args, (*PPO_ONLY, "--save", "--data", "--offline-epochs"), args.policy)
+    specs = parse_policies(args.policy, "--policy")
+    if len(specs) != 1:
+        raise UsageError(f"{len(specs)} policies given", "--policy", "one policy (esper.evaluate compares several)")
+    name = specs[0][0]
+    cfg, profile = check_config(args, [name])
     env = MorphogeneticEnv(cfg, profile=profile)
     try:
         policy = make_policy(args.policy, env, cfg, seed=cfg.episode.seed)
     except ValueError as err:
-        console.print(f"[red]{err}[/red]")
-        return 2
+        raise UsageError(str(err), "--policy", "a policy that can be built for this env") from None
     total = cfg.episode.episodes * cfg.episode.length
     start = time.perf_counter()
-    with make_hub(cfg) as hub, maybe_trace(args.trace, f"{args.policy}-{cfg.telemetry.profile}"), Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:
-        task = progress.add_task(f"{args.policy} x{env.n}", total=total, status="")
+    try:
+        with StopSignals() as stop, make_hub(cfg) as hub, \
+                maybe_trace(args.trace, f"{args.policy}-{cfg.telemetry.profile}"), Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
+        ) as progress:
+            task = progress.add_task(f"{args.policy} x{env.n}", total=total, status="")
 
-        def on_epoch(step: int, snap: dict[str, np.ndarray]) -> None:
-            acc = snap["signals.val_acc"]
-            live = snap["tracker.seeds_fossilized"].sum()
-            progress.update(task, completed=step,
-                            status=f"val acc {acc.mean():.2f}±{acc.std():.2f}  fossilized {live}")
+            def on_epoch(step: int, snap: dict[str, np.ndarray]) -> None:
+                acc = snap["signals.val_acc"]
+                live = snap["tracker.seeds_fossilized"].sum()
+                progress.update(task, completed=step,
+                                status=f"val acc {acc.mean():.2f}±{acc.std():.2f}  fossilized {live}")
+                stop.check()
 
-        runner = EpisodeRunner(env, policy, hub=hub, profile=profile, on_epoch=on_epoch)
-        summaries = runner.run(cfg.episode.episodes)
+            runner = EpisodeRunner(env, policy, hub=hub, profile=profile, on_epoch=on_epoch)
+            summaries = runner.run(cfg.episode.episodes)
+    except Interrupted as err:  # the hub was flushed and closed on the way out
+        print(f"interrupted; {env.pipeline.epochs} epochs done, telemetry flushed", file=sys.stderr)
+        return err.exit_code
     elapsed = time.perf_counter() - start
     console.print(summary_table(summaries, f"{args.policy}: {len(summaries)} episodes in {elapsed:.1f}s"))
-    test = np.array([s.test_acc for s in summaries])
-    val = np.array([s.final_val_acc for s in summaries])
+    valid = [s for s in summaries if not getattr(s, "governed", False)]
+    test = np.array([s.test_acc for s in valid])
+    val = np.array([s.final_val_acc for s in valid])
+    excluded = len(summaries) - len(valid)
     console.print(f"test acc {test.mean():.2f} ± {test.std():.2f} (val {val.mean():.2f} ± {val.std():.2f}) "
-                  f"over {test.size} episodes; {runner.transfers} host transfers for {runner.epochs} epochs")
+                  f"over {test.size} episodes"
+                  + (f" ({excluded} governed episodes excluded)" if excluded else "")
+                  + f"; {runner.transfers} host transfers for {runner.epochs} epochs")
     return 0
 
 

@@ -35,13 +35,13 @@ def test_train_cli_rejects_bad_config(tmp_path, capsys) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"episode": {"lenght": 3}}))
     assert train.main(["--config", str(bad)]) == 2
-    assert "episode.lenght" in capsys.readouterr().out
+    assert "episode.lenght" in capsys.readouterr().err  # the one error format: stderr, exit 2
     assert train.main(["--policy", "nonesuch", "--config", str(bad)]) == 2
 
 
 def test_evaluate_cli_writes_table_and_json(tiny_config, tmp_path, capsys) -> None:
     out_json = tmp_path / "eval" / "results.json"
-    rc = evaluate.main(["--policies", "static,heuristic", "--config", str(tiny_config), "--backends", "",
+    rc = evaluate.main(["--policies", "static,heuristic", "--config", str(tiny_config), "--backends", "none",
                         "--json", str(out_json)])
     assert rc == 0
     out = capsys.readouterr().out
@@ -54,7 +54,7 @@ def test_evaluate_cli_writes_table_and_json(tiny_config, tmp_path, capsys) -> No
 
 
 def test_trace_has_named_phases(tiny_config, tmp_path) -> None:
-    rc = train.main(["--policy", "heuristic", "--config", str(tiny_config), "--backends", "",
+    rc = train.main(["--policy", "heuristic", "--config", str(tiny_config), "--backends", "none",
                      "--telemetry", "standard", "--trace", str(tmp_path / "traces")])
     assert rc == 0
     trace = tmp_path / "traces" / "heuristic-standard.trace.json"

@@ -35,6 +35,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     if missing:
         raise CheckpointError(f"{p}: refusing to write a checkpoint without {missing}")
     p.parent.mkdir(parents=True, exist_ok=True)
+    for stale in p.parent.glob(f".{p.name}.*.tmp"):  # orphans of a write killed mid-way (SIGKILL)
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -34,7 +34,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telemetry-file", type=Path, help="telemetry profile YAML file")
     p.add_argument("--telemetry-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile field (repeatable)")
-    p.add_argument("--backends", help="comma-separated: console,jsonl,tensorboard")
+    p.add_argument("--backends", help="comma-separated: console,jsonl,tensorboard; none for no output")
     p.add_argument("--run-dir", help="where jsonl/tensorboard output goes")
     p.add_argument("--trace", type=Path, metavar="DIR",
                    help="write a torch profiler trace of the run (phases: train, validate, "
@@ -66,8 +66,8 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
         telemetry["profile_file"] = str(args.telemetry_file)
     if args.telemetry_set:
         telemetry["overrides"] = list(data.get("telemetry", {}).get("overrides", [])) + list(args.telemetry_set)
-    if args.backends:
-        telemetry["backends"] = [b for b in args.backends.split(",") if b]
+    if args.backends is not None:  # "none": no telemetry output
+        telemetry["backends"] = [b for b in args.backends.split(",") if b and b.strip().lower() != "none"]
     if telemetry:
         flags["telemetry"] = telemetry
     top: dict[str, object] = {}

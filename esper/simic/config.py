@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -177,6 +178,14 @@ class TrainingConfig(_Strict):
     compile: bool = False
     run_dir: str = "runs/latest"
 
+    @model_validator(mode="after")
+    def _finite(self) -> TrainingConfig:
+        """Non-finite numbers (inf, nan) are refused anywhere in the tree."""
+        bad = [k for k, v in _leaves(self.model_dump()) if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"non-finite values are not allowed: {', '.join(bad)}")
+        return self
+
     def check_for(self, policy: str) -> TrainingConfig:
         """Refuse settings that the controller ``policy`` (a registry name) cannot run with.
 
@@ -269,6 +278,14 @@ def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def _leaves(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(d, dict):
+        return [leaf for k, v in d.items() for leaf in _leaves(v, f"{prefix}{k}.")]
+    if isinstance(d, list | tuple):
+        return [leaf for i, v in enumerate(d) for leaf in _leaves(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), d)]
 
 
 def _format(err: ValidationError) -> str:

@@ -205,6 +205,7 @@ class MorphogeneticEnv(EnvBase):
         fresh = new_tracker(self.n, len(self.slots), self.cfg.history_length, self.device)
         self.tracker = _rows(mask, fresh, self.tracker)
         self.signals = _rows(mask, self._blank_signals(), self.signals)
+        self.pipeline.after_reset(mask)
         zeros = TensorDict(
             {k: torch.zeros(self.n, device=self.device) for k in RewardComponents.names()},
             batch_size=[self.n],

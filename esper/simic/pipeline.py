@@ -38,6 +38,7 @@ from esper.leyline import (
 )
 from esper.nissa import NissaHub, TelemetryConfig, epoch_event, load_profile, materialize
 from esper.nissa.profiling import phase
+from esper.simic.governor import Governor
 from esper.simic.telemetry import EpochTelemetry
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class EpisodeSummary:
     germinated: int
     total_reward: float
     reward_components: dict[str, float] = field(default_factory=dict)
+    governed: bool = False  # the governor rolled this env back during the episode: not a valid result
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +82,7 @@ class EpisodeSummary:
             "germinated": self.germinated,
             "total_reward": self.total_reward,
             "reward_components": dict(self.reward_components),
+            "governed": self.governed,
         }
 
 
@@ -110,6 +113,7 @@ class EpochPipeline:
         self.env = env
         self.reasons: tuple[str, ...] = REASONS
         self.callbacks: list[EpochCallback] = []
+        self.governor = Governor(env)  # judges every epoch's snapshot; rolls diverging envs back
         self.configure(profile=profile, hub=hub)
 
     def configure(self, profile: TelemetryConfig | None = None, hub: NissaHub | None = None) -> None:
@@ -124,6 +128,7 @@ class EpochPipeline:
         self.transfers = 0  # device-to-host transfers it made (materialize calls)
         self.host_epoch = np.zeros(n, dtype=np.int64)  # >= each env's true epoch, no sync needed
         self.host_done = np.zeros(n, dtype=bool)  # done flags of the last snapshot
+        self._reset_mask = np.ones(n, dtype=bool)  # envs of the last reset (host side)
         self.episode = np.zeros(n, dtype=np.int64)  # episode index per env, from the snapshot
         self.completed = np.zeros(n, dtype=np.int64)  # finished episodes per env
         self.last: dict[str, np.ndarray] = {}
@@ -142,9 +147,15 @@ class EpochPipeline:
 
     def on_reset(self, full: bool) -> None:
         """Envs were reset: all of them, or (a torchrl partial reset) those that were done."""
-        mask = np.ones_like(self.host_done) if full else self.host_done
+        mask = np.ones_like(self.host_done) if full else self.host_done.copy()
         self.host_epoch[mask] = 0
         self.host_done[mask] = False
+        self._reset_mask = mask
+
+    def after_reset(self, mask: torch.Tensor) -> None:
+        """The reset envs' fresh state (``mask`` on the device, the same envs as the last
+        :meth:`on_reset` on the host) is their last healthy one, for the governor."""
+        self.governor.after_reset(mask, self._reset_mask)
 
     def end(self, actions: TensorDictBase, raw: TensorDictBase, out: TensorDictBase) -> dict[str, np.ndarray]:
         """Materialize the epoch (one transfer), then telemetry and the next epoch's plan."""
@@ -166,6 +177,7 @@ class EpochPipeline:
             if SCORE_KEYS[0] in raw:
                 packet.set("score", raw.select(*SCORE_KEYS))
             snap = materialize(packet)  # the one device-to-host transfer of this epoch
+            rollbacks = self.governor.judge(snap, out, int(snap["signals.epoch"].max()))
         self.transfers += 1
         self.epochs += 1
         self.last = snap
@@ -174,7 +186,12 @@ class EpochPipeline:
         # Group-by-blueprint for the next epoch from this snapshot (eager engines only).
         kas.set_plan(snap["signals.stage"], snap["signals.blueprint"], snap["signals.germinated"])
         with phase("telemetry"):
+            for event in rollbacks:
+                self._emit(event)
+                self.track.tokens[event.env].append(f"rollback@{event.epoch}")
             self._record(snap)
+            if self.hub is not None:
+                self.hub.flush()  # every finished epoch is on disk (survives SIGKILL)
         for callback in self.callbacks:
             callback(self.epochs, snap)
         return snap
@@ -276,6 +293,7 @@ class EpochPipeline:
                 germinated=int(track.germinated[i]),
                 total_reward=float(track.reward[i]),
                 reward_components={k: float(v[i]) for k, v in track.components.items()},
+                governed=bool(self.governor.governed[i]),
             )
             self.summaries.append(summary)
             self._emit(TelemetryEvent(kind=EventKind.EPISODE, env=i, epoch=e, payload=summary.to_dict()))

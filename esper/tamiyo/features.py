@@ -47,26 +47,42 @@ class RunningNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.clip = clip
+        self.max_abs = 1e6  # features beyond this (a diverging env) are not folded into the statistics
         self.register_buffer("mean", torch.zeros(size))
         self.register_buffer("var", torch.ones(size))
         self.register_buffer("count", torch.zeros(()))
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold a batch ``[N, F]`` into the statistics."""
-        n = torch.tensor(float(x.shape[0]), device=x.device)
-        b_mean = x.mean(dim=0)
-        b_var = x.var(dim=0, unbiased=False)
+        """Fold a batch ``[N, F]`` into the statistics.
+
+        Rows with a non-finite or huge (``> max_abs``) feature are left out (one diverging
+        env must not poison every env's observation); no host sync decides that.
+        """
+        ok = (torch.isfinite(x) & (x.abs() <= self.max_abs)).all(dim=1)
+        all_ok = ok.all()
+        w = ok.to(x.dtype).unsqueeze(1)
+        xs = torch.where(ok.unsqueeze(1), x, torch.zeros_like(x))
+        n_ok = w.sum()
+        m_ok = (xs * w).sum(dim=0) / n_ok.clamp_min(1.0)
+        v_ok = ((xs - m_ok).pow(2) * w).sum(dim=0) / n_ok.clamp_min(1.0)
+        # All rows healthy (the usual case): exactly the plain batch statistics.
+        n = torch.where(all_ok, torch.tensor(float(x.shape[0]), device=x.device), n_ok)
+        b_mean = torch.where(all_ok, x.mean(dim=0), m_ok)
+        b_var = torch.where(all_ok, x.var(dim=0, unbiased=False), v_ok)
         total = self.count + n
+        safe = total.clamp_min(1.0)
         delta = b_mean - self.mean
-        self.mean += delta * n / total
-        self.var.copy_((self.var * self.count + b_var * n + delta.pow(2) * self.count * n / total) / total)
+        self.mean += delta * n / safe
+        self.var.copy_(torch.where(total > 0, (self.var * self.count + b_var * n
+                                               + delta.pow(2) * self.count * n / safe) / safe, self.var))
         self.count.copy_(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.update(x)
-        return ((x - self.mean) / (self.var + self.eps).sqrt()).clamp(-self.clip, self.clip)
+        z = ((x - self.mean) / (self.var + self.eps).sqrt()).clamp(-self.clip, self.clip)
+        return torch.nan_to_num(z, nan=0.0)  # a non-finite feature never reaches the policy
 
 
 def new_tracker(n: int, n_slots: int, history: int, device: torch.device | str) -> TensorDict:

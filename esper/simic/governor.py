@@ -1,0 +1,159 @@
+"""The governor (Tolaria in the reference system): one env's divergence never poisons the others.
+
+Every epoch, inside the epoch pipeline and from the epoch's one host snapshot, each env's
+health is judged: a non-finite train or validation loss, or a loss above ``max_loss`` (an
+explosion), makes the env *sick*. A sick env is rolled back on the device to its last healthy
+state: the governor keeps a device copy of Kasmina's state TensorDict (host and seed weights,
+momenta, slot lifecycle) and of the env's tracker, refreshed every epoch for the healthy envs
+with ``torch.where`` masks (no loop over envs), and restores the sick rows from it. The epoch
+counter keeps running, so episodes stay in lockstep: the sick env simply loses that epoch's
+update. The env's episode is marked *governed*: an anomaly event names env, epoch and cause,
+the episode summary carries the flag, and its accuracy is not reported as a valid result.
+Its observation rows for that epoch are zeroed (the policy never sees a NaN) and its reward
+is zeroed (nothing learned from it).
+
+A diverging *policy* (non-finite parameters, collapsed entropy, explained variance far below
+zero) is judged once per PPO round by :func:`policy_divergence`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+from esper.leyline import EventKind
+from esper.leyline.events import AnomalyEvent
+from esper.tamiyo.masks import MASK_KEYS, action_masks
+
+if TYPE_CHECKING:
+    from esper.simic.env import MorphogeneticEnv
+
+LOSS_KEYS: tuple[str, ...] = ("signals.train_loss", "signals.val_loss")
+DETECTOR = "governor"
+
+
+KEEP_RUNNING: frozenset[str] = frozenset({"epoch"})  # counters that are never rolled back
+
+
+def _where_rows(mask: torch.Tensor, new: TensorDictBase, old: TensorDictBase) -> None:
+    """``old[mask] = new[mask]`` leaf by leaf, in place (``mask`` is ``[N]`` bool on the device);
+    the epoch counter keeps running."""
+    for key, o in old.items(include_nested=True, leaves_only=True):
+        if key in KEEP_RUNNING or key not in new.keys(include_nested=True, leaves_only=True):
+            continue
+        m = mask.view(-1, *([1] * (o.dim() - 1)))
+        o.copy_(torch.where(m, new.get(key), o))
+
+
+class Governor:
+    """Per-env health judged from the host snapshot; sick envs rolled back on the device."""
+
+    def __init__(self, env: MorphogeneticEnv, max_loss: float = 1e4) -> None:
+        self.env = env
+        self.max_loss = max_loss
+        self.n = env.n
+        self.good: dict[str, TensorDictBase] = {}  # last healthy rows, per part of the env state
+        self.governed = np.zeros(self.n, dtype=bool)  # this episode of the env was rolled back
+        self.rollbacks = np.zeros(self.n, dtype=np.int64)  # rollbacks per env, whole run
+
+    def _live(self) -> dict[str, TensorDictBase]:
+        """The env's per-env state the governor guards: Kasmina's state (weights, momenta,
+        lifecycle), the env's signals (Kasmina's last signals) and tracker."""
+        env = self.env
+        # env.signals shares its tensors with Kasmina's last signals (what the next actions read)
+        return {"state": env.kasmina.state, "signals": env.signals, "tracker": env.tracker}
+
+    @torch.no_grad()
+    def after_reset(self, mask: torch.Tensor, host_mask: np.ndarray) -> None:
+        """Envs in ``mask`` got fresh hosts: those are their last healthy state; their new
+        episodes start ungoverned."""
+        self.governed[host_mask] = False
+        live = self._live()
+        if not self.good:
+            self.good = {k: v.clone() for k, v in live.items()}
+            return
+        for k, v in live.items():
+            _where_rows(mask, v, self.good[k])
+
+    def sick(self, snap: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+        """Which envs diverged this epoch, and why (host arithmetic on the snapshot)."""
+        sick = np.zeros(self.n, dtype=bool)
+        why = [""] * self.n
+        for key in LOSS_KEYS:
+            value = snap.get(key)
+            if value is None:
+                continue
+            v = np.asarray(value, dtype=np.float64).reshape(self.n)
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(v) | (np.abs(v) > self.max_loss)
+            for i in np.flatnonzero(bad & ~sick):
+                name = key.split(".", 1)[1]
+                why[i] = f"{name} {v[i]:.3g}" + ("" if not math.isfinite(v[i]) else f" > {self.max_loss:g}")
+            sick |= bad
+        return sick, why
+
+    @torch.no_grad()
+    def judge(self, snap: dict[str, np.ndarray], out: TensorDictBase, epoch: int) -> list[AnomalyEvent]:
+        """After the epoch's materialize: roll sick envs back, keep healthy envs as the new
+        last-good copy, sanitize what the policy and the learner see. Anomaly events returned
+        (and the snapshot's reward rows of sick envs zeroed, so no summary counts them)."""
+        live = self._live()
+        sick, why = self.sick(snap)
+        if not self.good:  # no reset seen (a driver that never reset): start from now
+            self.good = {k: v.clone() for k, v in live.items()}
+        if not sick.any():  # the common case: refresh the copy, nothing else
+            for k, v in live.items():
+                self.good[k].update_(v)
+            return []
+        mask = torch.as_tensor(sick, device=self.env.device)
+        for k, v in live.items():  # healthy rows become the new copy; sick rows are restored
+            _where_rows(~mask, v, self.good[k])
+            _where_rows(mask, self.good[k], v)
+        # What the policy and the learner see of a sick env this epoch: its last healthy
+        # signals and tracker, masks from those, a zero observation and a zero reward.
+        _where_rows(mask, self.good["signals"], out.get("signals"))
+        _where_rows(mask, self.good["tracker"], out.get("tracker"))
+        sig = out.get("signals")
+        masks = action_masks(sig["stage"], sig["gate_pass"], len(self.env.blueprint_names))
+        for key in MASK_KEYS:
+            _where_rows(mask, TensorDict({key: masks[key]}, batch_size=[self.n]), out.select(key))
+        obs = out.get("observation")
+        obs.copy_(torch.where(mask.unsqueeze(-1) | ~torch.isfinite(obs), torch.zeros_like(obs), obs))
+        for key in ("reward", *(("reward_components", k) for k in sorted(out.get("reward_components").keys()))):
+            r = out.get(key)
+            r.copy_(torch.where(mask.view(-1, *([1] * (r.dim() - 1))), torch.zeros_like(r), r))
+        for key in snap:
+            if key == "reward" or key.startswith("reward_components."):
+                snap[key] = np.where(sick, 0.0, snap[key])
+        self.governed |= sick
+        self.rollbacks += sick
+        events = []
+        for i in np.flatnonzero(sick):
+            events.append(AnomalyEvent(
+                kind=EventKind.ANOMALY, env=int(i), epoch=epoch, detector=DETECTOR, severity="severe",
+                message=f"env {i} diverged at epoch {epoch} ({why[i]}): rolled back to its last healthy "
+                        f"state; this episode is governed (its accuracy is not a valid result)",
+                payload={"cause": why[i], "action": "rollback", "rollbacks": int(self.rollbacks[i])},
+            ))
+        return events
+
+
+def policy_divergence(stats: Any, params: Iterable[torch.Tensor], min_entropy: float = 1e-4,
+                      min_explained_variance: float = -10.0) -> str | None:
+    """Why the PPO policy diverged this round (None when it did not): non-finite parameters,
+    the op head's entropy collapsed to 0, or explained variance below ``min_explained_variance``."""
+    params = list(params)
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        return "non-finite policy parameters"
+    op_entropy = float(stats.entropy.get("op", float("nan")))
+    if not math.isfinite(op_entropy) or op_entropy < min_entropy:
+        return f"op entropy collapsed to {op_entropy:.3g}"
+    ev = float(stats.explained_variance)
+    if not math.isfinite(ev) or ev < min_explained_variance:
+        return f"explained variance {ev:.3g} below {min_explained_variance:g}"
+    return None
