@@ -179,3 +179,23 @@ def test_profile_escalation_does_not_leak_into_the_default(tmp_path: Path) -> No
     EpisodeRunner(env, make_policy("static", env, cfg), profile=load_profile("diagnostic")).run(1)
     runner = EpisodeRunner(env, make_policy("static", env, cfg))
     assert runner.env.pipeline.profile.name == "minimal" and runner.transfers == 0
+
+
+def test_culls_are_counted_in_the_episode_summary() -> None:
+    """A cull passes CULLED -> EMBARGOED in one epoch; the tracker and summary still count it."""
+    from tensordict import TensorDict
+
+    from esper.leyline import Op
+
+    cfg = _cfg(episode={"envs": 2, "length": 3})
+    env = MorphogeneticEnv(cfg)
+    td = env.reset()
+    plan = [Op.GERMINATE, Op.CULL, Op.WAIT]
+    for op in plan:
+        td.update(TensorDict({"op": torch.full((2,), int(op)), "slot": torch.zeros(2, dtype=torch.long),
+                              "blueprint": torch.zeros(2, dtype=torch.long),
+                              "tempo": torch.zeros(2, dtype=torch.long)}, batch_size=[2]))
+        td = env.step(td)["next"]
+    summaries = env.pipeline.take_summaries()
+    assert [s.culled for s in summaries] == [1, 1]
+    assert all("cull(" in s.trajectory for s in summaries)

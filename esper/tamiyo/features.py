@@ -147,7 +147,8 @@ class FeatureBuilder(nn.Module):
         flat = (val_acc - prev_acc) < self.config.plateau_delta
         stage, before = signals["stage"], signals["stage_before"]
         fossilized = ((stage == S.FOSSILIZED) & (before != S.FOSSILIZED)).sum(1)
-        culled = ((stage == S.CULLED) & (before != S.CULLED)).sum(1)
+        # A cull moves CULLED -> EMBARGOED within its epoch: count live seeds that left that way.
+        culled = (((stage == S.CULLED) | (stage == S.EMBARGOED)) & self.live[before]).sum(1)
         zero = torch.zeros_like(tracker["plateau_epochs"])
         return TensorDict(
             {
