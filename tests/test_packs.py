@@ -239,3 +239,26 @@ def test_offline_cli_then_evaluate_and_ppo_init(heuristic_pack: Path, tmp_path: 
     assert "(--init)" in capsys.readouterr().err
     assert train.main(["--policy", "iql", "--data", str(tmp_path / "nope")]) == 2
     assert "(--data)" in capsys.readouterr().err
+
+
+def test_bare_ppo_spec_is_the_shipped_controller(heuristic_pack: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ppo`` with no path loads the packaged checkpoint; without one it is refused clearly."""
+    import esper.simic.ppo as ppo_mod
+    from esper.simic.preflight import UsageError, parse_policies
+    from esper.tamiyo.policies import make_policy
+
+    ckpt = tmp_path / "bc.pt"
+    assert train.main(["--policy", "bc", "--data", str(heuristic_pack), "--offline-epochs", "1",
+                       "--save", str(ckpt)]) == 0
+    cfg = TrainingConfig.from_dict(TINY6)
+    monkeypatch.setattr(ppo_mod, "shipped_controller", lambda: ckpt)
+    assert parse_policies("static,ppo") == [("static", None), ("ppo", None)]
+    policy = make_policy("ppo", MorphogeneticEnv(cfg), cfg)
+    saved = load_checkpoint(ckpt)["modules"]
+    assert all(torch.equal(policy.modules.state_dict()[k], v) for k, v in saved.items())
+    monkeypatch.setattr(ppo_mod, "shipped_controller", lambda: None)
+    with pytest.raises(UsageError, match="ships none"):
+        parse_policies("ppo")
+    with pytest.raises(ValueError, match="ships none"):
+        make_policy("ppo", MorphogeneticEnv(cfg), cfg)

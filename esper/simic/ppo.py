@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -449,17 +450,28 @@ def load_policy(path: str | Path, env: MorphogeneticEnv, deterministic: bool) ->
     return RecurrentPolicy(modules, env.n, deterministic=deterministic)
 
 
-def _need_path(arg: str | None, name: str) -> str:
-    if not arg:
-        raise ValueError(f"policy {name!r} needs a checkpoint: {name}=PATH")
-    return arg
+def shipped_controller() -> Path | None:
+    """The trained Tamiyo that ships as package data (``esper/simic/controllers/tamiyo.pt``),
+    or None in an install without one (``bench/train_controller.sh`` reproduces it)."""
+    path = Path(str(resources.files("esper.simic") / "controllers" / "tamiyo.pt"))
+    return path if path.is_file() else None
+
+
+def checkpoint_for(arg: str | None, name: str) -> str:
+    """``name=PATH``'s path; a bare ``ppo`` is the shipped controller."""
+    if arg:
+        return arg
+    shipped = shipped_controller()
+    if shipped is None:
+        raise ValueError(f"policy {name!r} needs a checkpoint ({name}=PATH): this install ships none")
+    return str(shipped)
 
 
 @register_policy("ppo")
 def _ppo(env: PolicyEnv, cfg: Any, arg: str | None, seed: int) -> RecurrentPolicy:
-    """Trained LSTM policy, greedy (per-head mode, op first)."""
+    """Trained LSTM policy, greedy (per-head mode, op first); bare ``ppo`` is the shipped one."""
     try:
-        return load_policy(_need_path(arg, "ppo"), env, deterministic=True)  # type: ignore[arg-type]
+        return load_policy(checkpoint_for(arg, "ppo"), env, deterministic=True)  # type: ignore[arg-type]
     except CheckpointError as err:
         raise ValueError(str(err)) from err
 
@@ -469,6 +481,6 @@ def _ppo_sample(env: PolicyEnv, cfg: Any, arg: str | None, seed: int) -> Recurre
     """Trained LSTM policy, sampled actions (seeded from ``seed``)."""
     torch.manual_seed(seed)
     try:
-        return load_policy(_need_path(arg, "ppo_sample"), env, deterministic=False)  # type: ignore[arg-type]
+        return load_policy(checkpoint_for(arg, "ppo_sample"), env, deterministic=False)  # type: ignore[arg-type]
     except CheckpointError as err:
         raise ValueError(str(err)) from err

@@ -178,10 +178,13 @@ def parse_policies(text: str | None, where: str = "--policies") -> list[tuple[st
         if sep and name not in ARG_POLICIES:
             raise UsageError(f"policy {name!r} takes no argument (got {spec!r})", where, f"write {name}")
         if name in CHECKPOINT_POLICIES:
-            if not arg:
-                raise UsageError(f"policy {name!r} needs a checkpoint", where, f"write {name}=PATH")
+            from esper.simic.ppo import shipped_controller
+
+            if not arg and shipped_controller() is None:
+                raise UsageError(f"policy {name!r} needs a checkpoint: this install ships none", where,
+                                 f"write {name}=PATH")
             try:
-                load_checkpoint(arg)
+                load_checkpoint(arg or str(shipped_controller()))
             except CheckpointError as err:
                 raise UsageError(f"unusable checkpoint: {err}", where, "a checkpoint written by esper.train") from None
         out.append((name, arg or None))

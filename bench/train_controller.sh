@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Reproduces the shipped Tamiyo controller (esper/simic/controllers/tamiyo.pt) from scratch:
+# heuristic episodes -> behaviour cloning -> PPO, all on task seed 0 (the tuning task), then the
+# held-out evaluation on task seeds 1 and 2 (test split). Logs and checkpoints go to $OUT.
+# Usage: bash bench/train_controller.sh [OUT] [PPO_ROUNDS] [PPO_ENVS]
+set -euo pipefail
+OUT=${1:-runs/controller}
+ROUNDS=${2:-12}
+ENVS=${3:-12}
+mkdir -p "$OUT"
+run() { echo "+ $*" | tee -a "$OUT/commands.txt"; "$@"; }
+[ -e "$OUT/pack/meta.json" ] || run python -m esper.generate --preset ppo --policies heuristic \
+  --episodes 2 --envs 16 --task-seed 0 --seed 100 --backends none --out "$OUT/pack"
+[ -e "$OUT/bc.pt" ] || run python -m esper.train --policy bc --preset ppo --data "$OUT/pack" \
+  --save "$OUT/bc.pt" --backends none --run-dir "$OUT/bc"
+if [ -e "$OUT/ppo.pt" ]; then
+  run python -m esper.train --preset ppo --resume "$OUT/ppo.pt" --rounds "$ROUNDS" --envs "$ENVS" \
+    --task-seed 0 --seed 200 --save "$OUT/ppo.pt" --backends jsonl --run-dir "$OUT/ppo"
+else
+  run python -m esper.train --preset ppo --init "$OUT/bc.pt" --rounds "$ROUNDS" --envs "$ENVS" \
+    --task-seed 0 --seed 200 --save "$OUT/ppo.pt" --backends jsonl --run-dir "$OUT/ppo"
+fi
+for t in 1 2; do
+  run python -m esper.evaluate --preset ppo --policies static,heuristic,ppo="$OUT/ppo.pt",ppo="$OUT/bc.pt" \
+    --envs 16 --task-seed "$t" --seed 7 --backends none --json "$OUT/eval_task$t.json"
+done
