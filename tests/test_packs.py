@@ -262,3 +262,17 @@ def test_bare_ppo_spec_is_the_shipped_controller(heuristic_pack: Path, tmp_path:
         parse_policies("ppo")
     with pytest.raises(ValueError, match="ships none"):
         make_policy("ppo", MorphogeneticEnv(cfg), cfg)
+
+
+def test_ppo_checkpoint_records_its_provenance(heuristic_pack: Path, tmp_path: Path) -> None:
+    """A PPO checkpoint names the command, code version and the pack its init came from."""
+    ckpt = tmp_path / "bc.pt"
+    assert train.main(["--policy", "bc", "--data", str(heuristic_pack), "--offline-epochs", "1",
+                       "--save", str(ckpt)]) == 0
+    trainer = PPOTrainer(TrainingConfig.from_dict(TINY6))
+    trainer.init(ckpt)
+    prov = trainer.state()["provenance"]
+    assert prov["init_from"] == str(ckpt) and prov["command"].startswith("python -m")
+    assert prov["code"]["package"] is not None
+    offline = next(x for x in prov["lineage"] if "method" in x)
+    assert offline["method"] == "bc" and offline["pack"] == str(heuristic_pack)

@@ -24,6 +24,35 @@ REQUIRED_KEYS: tuple[str, ...] = (
 )
 
 
+def provenance() -> dict[str, Any]:
+    """What made a checkpoint: the command line, the code version (package version and, in a
+    git checkout, the commit and whether the tree was dirty) and when."""
+    import subprocess
+    import sys
+    import time
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("esper-morphogenetic")
+    except PackageNotFoundError:
+        pkg = None
+    root = Path(__file__).resolve().parents[2]
+    git: dict[str, Any] | None = None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip() != ""
+        git = {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    return {
+        "command": " ".join(["python -m", Path(sys.argv[0]).stem if sys.argv else "?", *sys.argv[1:]]),
+        "code": {"package": pkg, "git": git},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 class CheckpointError(ValueError):
     """A checkpoint is unreadable, corrupt, or does not match the run it is loaded into."""
 

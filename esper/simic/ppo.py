@@ -43,6 +43,7 @@ from esper.simic.checkpoint import (
     CheckpointError,
     check_matches,
     load_checkpoint,
+    provenance,
     save_checkpoint,
 )
 from esper.simic.config import TrainingConfig
@@ -207,6 +208,8 @@ class PPOTrainer:
         self.shuffle = torch.Generator().manual_seed(cfg.episode.seed + 1)
         self.round = 0
         self.history: list[dict[str, Any]] = []
+        self.init_from: str | None = None  # the checkpoint this run started from (--init)
+        self.lineage: list[dict[str, Any]] = []  # that checkpoint's own provenance / offline record
         self._loss_fn: Callable[[TensorDictBase], TensorDictBase] = self.loss
         if cfg.compile:
             self._loss_fn = torch.compile(self.loss, dynamic=False)
@@ -389,6 +392,9 @@ class PPOTrainer:
             "env_episode": self.base_env.kasmina.episode.clone(),
             "rng": {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state()},
             "history": list(self.history),
+            # what made it: this run's command and code, and the checkpoint it started from
+            # (an offline one records its data pack)
+            "provenance": {**provenance(), "init_from": self.init_from, "lineage": self.lineage},
         }
 
     def save(self, path: str | Path) -> Path:
@@ -415,6 +421,9 @@ class PPOTrainer:
         self.shuffle.set_state(ckpt["rng"]["shuffle"])
         self.round = int(ckpt["round"])
         self.history = list(ckpt["history"])
+        saved_prov = ckpt.get("provenance") or {}
+        self.init_from = saved_prov.get("init_from")
+        self.lineage = list(saved_prov.get("lineage", []))
 
     def init(self, path: str | Path) -> None:
         """Start from the actor/critic weights (value normalizer included) and observation
@@ -430,6 +439,7 @@ class PPOTrainer:
         self.round = 0
         self.history = []
         self.init_from = str(path)
+        self.lineage = [x for x in (ckpt.get("provenance"), ckpt.get("offline")) if x is not None]
 
 
 # ----------------------------------------------------------------------------- evaluation
