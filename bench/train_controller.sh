@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Reproduces the shipped Tamiyo controller (esper/simic/controllers/tamiyo.pt) from scratch:
-# heuristic episodes -> behaviour cloning -> PPO, all on task seed 0 (the tuning task), then the
-# held-out evaluation on task seeds 1 and 2 (test split). Logs and checkpoints go to $OUT.
-# Usage: bash bench/train_controller.sh [OUT] [PPO_ROUNDS] [PPO_ENVS]
+# Reproduces the shipped Tamiyo controller (esper/simic/controllers/tamiyo.pt) from scratch, on
+# the `ppo` preset: a teacher's episodes on task seed 0 (the tuning task) -> behaviour cloning
+# -> PPO, still on task seed 0; then the held-out evaluation on task seeds 1 and 2 (test split).
+# Logs, checkpoints and evaluation JSON go to $OUT; every command is appended to $OUT/commands.txt.
+# Usage: bash bench/train_controller.sh [OUT] [PPO_ROUNDS] [PPO_ENVS] [TEACHER]
 set -euo pipefail
 OUT=${1:-runs/controller}
 ROUNDS=${2:-12}
 ENVS=${3:-12}
+TEACHER=${4:-fixed}
 mkdir -p "$OUT"
 run() { echo "+ $*" | tee -a "$OUT/commands.txt"; "$@"; }
-[ -e "$OUT/pack/meta.json" ] || run python -m esper.generate --preset ppo --policies heuristic \
-  --episodes 2 --envs 16 --task-seed 0 --seed 100 --backends none --out "$OUT/pack"
+[ -e "$OUT/pack/meta.json" ] || run python -m esper.generate --preset ppo --policies "$TEACHER" \
+  --episodes 1 --envs 16 --task-seed 0 --seed 300 --backends none --out "$OUT/pack"
 [ -e "$OUT/bc.pt" ] || run python -m esper.train --policy bc --preset ppo --data "$OUT/pack" \
   --save "$OUT/bc.pt" --backends none --run-dir "$OUT/bc"
 if [ -e "$OUT/ppo.pt" ]; then
@@ -21,6 +23,7 @@ else
     --task-seed 0 --seed 200 --save "$OUT/ppo.pt" --backends jsonl --run-dir "$OUT/ppo"
 fi
 for t in 1 2; do
-  run python -m esper.evaluate --preset ppo --policies static,heuristic,ppo="$OUT/ppo.pt",ppo="$OUT/bc.pt" \
+  run python -m esper.evaluate --preset ppo \
+    --policies static,heuristic,fixed,ppo="$OUT/ppo.pt",ppo="$OUT/bc.pt" \
     --envs 16 --task-seed "$t" --seed 7 --backends none --json "$OUT/eval_task$t.json"
 done

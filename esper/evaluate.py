@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
+from esper.simic.checkpoint import load_checkpoint
 from esper.simic.cli import add_common_args, make_hub, maybe_trace
 from esper.simic.env import MorphogeneticEnv, load_config_task
 from esper.simic.preflight import (
@@ -44,7 +45,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the results table here (atomically)")
     add_common_args(p)
     add_debug_arg(p)
+    # No preset and no config: a listed learned controller brings the setting it was trained
+    # on (its checkpoint's config); otherwise the `default` preset.
+    p.set_defaults(preset=None)
     return p
+
+
+# What a checkpoint's config contributes as the evaluation setting: the task, hosts, episode
+# length and controller settings; not its run (env count, seeds, telemetry, device, paths).
+_SETTING_SECTIONS = ("task", "kasmina", "reward", "heuristic", "fixed", "ppo", "features", "history_length")
+
+
+def trained_setting(policies: list[tuple[str, str | None]]) -> tuple[dict[str, Any], str] | None:
+    """The training setting of the first learned controller listed, and its checkpoint path."""
+    from esper.simic.checkpoint import load_checkpoint
+    from esper.simic.ppo import checkpoint_for
+
+    for name, arg in policies:
+        if name in ("ppo", "ppo_sample"):
+            path = checkpoint_for(arg, name)
+            saved = load_checkpoint(path)["config"]
+            setting = {k: saved[k] for k in _SETTING_SECTIONS if k in saved}
+            setting["episode"] = {"length": saved["episode"]["length"]}
+            setting["task"] = {k: v for k, v in setting["task"].items() if k != "seed"}
+            return setting, path
+    return None
 
 
 def aggregate(summaries: list[EpisodeSummary], seconds: float) -> dict[str, Any]:
@@ -106,7 +131,19 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=200)
     parsed = parse_policies(args.policies)
+    trained_on = None
+    if args.preset is None and args.config is None:
+        found = trained_setting(parsed)
+        if found is not None:
+            args.base_config, trained_on = found
     cfg, profile = check_config(args, [name for name, _ in parsed])
+    if trained_on is not None:
+        console.print(f"setting: the one {trained_on} was trained on (its checkpoint's config); "
+                      f"task seed {cfg.task.seed}, host seed {cfg.episode.seed}")
+        saved_seed = load_checkpoint(trained_on)["config"]["task"]["seed"]
+        if cfg.task.seed == saved_seed:
+            console.print(f"[yellow]note:[/yellow] task seed {saved_seed} is the task that controller "
+                          f"was trained on: pass --task-seed N for a held-out score")
     check_file_target(args.json, "--json")
     specs = [s.strip() for s in args.policies.split(",")]
     task = load_config_task(cfg)

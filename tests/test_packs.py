@@ -276,3 +276,28 @@ def test_ppo_checkpoint_records_its_provenance(heuristic_pack: Path, tmp_path: P
     assert prov["code"]["package"] is not None
     offline = next(x for x in prov["lineage"] if "method" in x)
     assert offline["method"] == "bc" and offline["pack"] == str(heuristic_pack)
+
+
+def test_evaluate_runs_a_controller_on_the_setting_it_was_trained_on(
+        heuristic_pack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --preset/--config, a listed checkpoint brings its training setting (task, hosts,
+    episode length); seeds come from the flags, and its own task seed is flagged as not held out."""
+    from esper import evaluate
+
+    ckpt = tmp_path / "bc.pt"
+    assert train.main(["--policy", "bc", "--data", str(heuristic_pack), "--offline-epochs", "1",
+                       "--save", str(ckpt)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    rc = evaluate.main(["--policies", f"static,ppo={ckpt}", "--envs", "2", "--task-seed", "3",
+                        "--backends", "none", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "was trained on (its checkpoint's config)" in printed
+    assert "for a held-out score" not in printed
+    data = json.loads(out.read_text())
+    trained = load_checkpoint(ckpt)["config"]
+    assert data["config"]["task"]["train_size"] == trained["task"]["train_size"] == TINY6["task"]["train_size"]
+    assert data["config"]["episode"]["length"] == TINY6["episode"]["length"]
+    assert data["task_seed"] == 3 and data["config"]["episode"]["envs"] == 2
+    rc = evaluate.main(["--policies", f"ppo={ckpt}", "--envs", "2", "--backends", "none"])
+    assert rc == 0 and "pass --task-seed N for a held-out score" in capsys.readouterr().out

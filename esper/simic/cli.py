@@ -49,7 +49,10 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
     default still counts as unset afterwards (e.g. the fixed schedule's default epochs are not
     checked against a shorter ``--episode-length``).
     """
-    data = TrainingConfig.preset(args.preset).user_set()
+    data = TrainingConfig.preset(args.preset or "default").user_set()
+    base = getattr(args, "base_config", None)  # e.g. the setting a controller was trained on
+    if base:
+        data = merge_config(data, base)
     if args.config:
         data = merge_config(data, TrainingConfig.load(args.config).user_set())
     flags: dict[str, dict[str, object]] = {}
