@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
+from esper.atomic import atomic_write
 from esper.simic.checkpoint import load_checkpoint
 from esper.simic.cli import add_common_args, make_hub, maybe_trace
 from esper.simic.env import MorphogeneticEnv, load_config_task
@@ -58,7 +57,6 @@ _SETTING_SECTIONS = ("task", "kasmina", "reward", "heuristic", "fixed", "ppo", "
 
 def trained_setting(policies: list[tuple[str, str | None]]) -> tuple[dict[str, Any], str] | None:
     """The training setting of the first learned controller listed, and its checkpoint path."""
-    from esper.simic.checkpoint import load_checkpoint
     from esper.simic.ppo import checkpoint_for
 
     for name, arg in policies:
@@ -97,17 +95,7 @@ def aggregate(summaries: list[EpisodeSummary], seconds: float) -> dict[str, Any]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by an interrupted write
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: json.dump(data, f, indent=2), binary=False)
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> Table:

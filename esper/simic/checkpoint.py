@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from esper.atomic import atomic_write
 
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS: tuple[str, ...] = (
@@ -46,8 +46,11 @@ def provenance() -> dict[str, Any]:
         git = {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         git = None
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0] if sys.argv else '?'}"
     return {
-        "command": " ".join(["python -m", Path(sys.argv[0]).stem if sys.argv else "?", *sys.argv[1:]]),
+        "command": " ".join([program, *sys.argv[1:]]),
         "code": {"package": pkg, "git": git},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -63,20 +66,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{p}: refusing to write a checkpoint without {missing}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    for stale in p.parent.glob(f".{p.name}.*.tmp"):  # orphans of a write killed mid-way (SIGKILL)
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_write(p, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
