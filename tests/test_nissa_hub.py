@@ -225,3 +225,21 @@ def test_make_backends(tmp_path: Path) -> None:
         b.close()
     with pytest.raises(ValueError, match=r"unknown telemetry backend\(s\) \['kafka'\]"):
         make_backends(["console", "kafka"], run_dir=tmp_path)
+
+
+def test_quiet_console_keeps_severe_and_run_level_anomalies_only() -> None:
+    """Verbosity 0 (the default): a 64-env run must not print a line per env per epoch."""
+
+    def render(verbosity: int) -> str:
+        buf = io.StringIO()
+        backend = ConsoleBackend(verbosity, Console(file=buf, width=200, color_system=None))
+        for env, sev, msg in ((3, "warning", "env drop"), (-1, "warning", "ratio range"), (4, "severe", "nan loss")):
+            backend.emit(AnomalyEvent(kind=EventKind.ANOMALY, env=env, epoch=2, detector="d", severity=sev,
+                                      message=msg))
+        backend.emit(TelemetryEvent(kind=EventKind.EPISODE, env=3, epoch=2, payload={"test_acc": 70.0}))
+        return buf.getvalue()
+
+    quiet, normal = render(0), render(1)
+    assert "ratio range" in quiet and "nan loss" in quiet
+    assert "env drop" not in quiet and "episode" not in quiet
+    assert "env drop" in normal and "episode" in normal

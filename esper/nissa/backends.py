@@ -60,8 +60,9 @@ def _mean(arr: np.ndarray) -> float:
 class ConsoleBackend:
     """Human-readable lines via rich.
 
-    verbosity 0: anomalies (warning/severe) and episode ends; 1: + one line per epoch (means
-    over envs), lifecycle changes, PPO updates; 2: + one line per env per epoch, decisions,
+    verbosity 0: severe anomalies and run-level warnings (a 64-env run would otherwise print a
+    line per env per epoch); 1: + per-env warnings, episode ends, one line per epoch (means over
+    envs), lifecycle changes, PPO updates; 2: + one line per env per epoch, decisions,
     narratives; 3: + everything else (analytics tables, info anomalies).
     """
 
@@ -90,11 +91,12 @@ class ConsoleBackend:
         v, kind = self.verbosity, event.kind
         if kind is EventKind.ANOMALY:
             sev = event.severity if isinstance(event, AnomalyEvent) else "warning"
-            if sev != "info" or v >= 3:
+            shown = {"severe": 0, "warning": 0 if event.env < 0 else 1, "info": 3}.get(sev, 0)
+            if v >= shown:
                 style = "bold red" if sev == "severe" else "yellow"
                 msg = event.message if isinstance(event, AnomalyEvent) else event.payload
                 self.console.print(f"[{style}]{where(event)} {sev}: {msg}[/]")
-        elif kind is EventKind.EPISODE:
+        elif kind is EventKind.EPISODE and v >= 1:
             self.console.print(f"[bold]episode[/] {self._scalar_summary(event.payload, None)}")
         elif kind is EventKind.EPOCH and v >= 1:
             scalars = self._scalar_summary(event.payload, None)
