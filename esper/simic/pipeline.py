@@ -24,7 +24,6 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from esper.leyline import (
-    HEADS,
     LIVE_STAGES,
     REASONS,
     SCORE_KEYS,
@@ -316,5 +315,3 @@ def reason_or_unknown(td: TensorDictBase, n: int, device: torch.device) -> torch
         return torch.full((n,), -1, dtype=torch.long, device=device)
     return reason.reshape(n).long()
 
-
-ACTION_KEYS = HEADS

@@ -7,6 +7,7 @@ the same ``Collector`` over the same env (:mod:`esper.simic.ppo`).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -73,7 +74,6 @@ class EpisodeRunner:
     ) -> None:
         self.env = env
         self.policy = policy
-        self.frames = 0
         env.pipeline.configure(profile=profile, hub=hub)
         if on_epoch is not None:
             env.pipeline.callbacks.append(on_epoch)
@@ -91,8 +91,8 @@ class EpisodeRunner:
         """Every env plays ``episodes`` episodes; their summaries, in completion order."""
         collector = collector_for(self.env, self.policy, episodes)
         # The pipeline inside env.step records everything each epoch; the batches themselves
-        # (observations, actions) are only counted here.
-        self.frames = sum(batch.numel() for batch in collector)
+        # (observations, actions) are not kept here: drain the collector.
+        deque(collector, maxlen=0)
         self.env.pipeline.finish()
         return self.env.pipeline.take_summaries()
 
