@@ -20,6 +20,7 @@ from esper.simic.checkpoint import CheckpointError, check_matches, load_checkpoi
 from esper.simic.cli import add_common_args, make_hub
 from esper.simic.env import MorphogeneticEnv
 from esper.simic.packs import PackBuilder, PackError, check_out_dir, write_pack
+from esper.simic.ppo import checkpoint_for
 from esper.simic.preflight import (
     StopSignals,
     UsageError,
@@ -73,9 +74,10 @@ def _main(argv: list[str] | None = None) -> int:
         for spec in specs:  # learned policies must fit this env before anything runs
             name, arg = parse_spec(spec)
             if name in ("ppo", "ppo_sample"):
-                shape = load_checkpoint(arg)["policy_shape"]
+                path = checkpoint_for(arg, name)  # a bare name is the shipped controller
+                shape = load_checkpoint(path)["policy_shape"]
                 try:
-                    check_matches(arg, "env layout", {k: shape[k] for k in layout}, layout)
+                    check_matches(path, "env layout", {k: shape[k] for k in layout}, layout)
                 except CheckpointError as err:
                     print(f"error: {err} (--policies); a checkpoint trained on this env layout", file=sys.stderr)
                     return 2

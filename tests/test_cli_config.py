@@ -40,11 +40,11 @@ def test_a_schedule_the_user_wrote_is_still_checked(tmp_path) -> None:
 
 
 def test_ppo_run_is_not_refused_for_a_heuristic_setting() -> None:
-    # The ppo preset's heuristic.warmup_epochs is 2: a 2-epoch PPO episode is fine.
-    cfg = build_config(args("--preset", "ppo", "--episode-length", "2"))
-    assert cfg.episode.length == 2 and cfg.heuristic.warmup_epochs == 2
+    # The ppo preset's heuristic.warmup_epochs is 1: a 1-epoch PPO episode is fine.
+    cfg = build_config(args("--preset", "ppo", "--episode-length", "1"))
+    assert cfg.episode.length == 1 and cfg.heuristic.warmup_epochs == 1
     assert cfg.check_for("ppo") is cfg
-    with pytest.raises(ConfigError, match=r"heuristic.warmup_epochs \(2\) must be below episode.length \(2\)"):
+    with pytest.raises(ConfigError, match=r"heuristic.warmup_epochs \(1\) must be below episode.length \(1\)"):
         cfg.check_for("heuristic")
     env = SimpleNamespace(n=2, blueprint_names=("norm", "conv_small"), device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="warmup_epochs"):  # the factory checks the policy it builds
@@ -59,7 +59,7 @@ def test_preset_applies_under_the_config_file(tmp_path) -> None:
     ppo = PRESETS["ppo"]
     assert cfg.episode.length == 5 and cfg.kasmina.batch_size == 32  # the file wins
     assert cfg.episode.envs == ppo["episode"]["envs"] == 16  # the preset fills in the rest
-    assert cfg.task.image_size == ppo["task"]["image_size"] == 8
+    assert cfg.task.image_size == ppo["task"]["image_size"] == 12
     assert list(cfg.kasmina.blueprints) == ppo["kasmina"]["blueprints"]
     plain = build_config(args("--config", str(path)))  # default preset: the file alone
     assert plain.task.image_size == 16 and plain.episode.envs == 8

@@ -192,7 +192,9 @@ def test_trained_policy_runs_in_evaluate_registry(tmp_path: Path, trained: tuple
     for spec in (f"ppo={path}", f"ppo_sample={path}"):
         summaries = EpisodeRunner(env, make_policy(spec, env, cfg)).run(1)
         assert len(summaries) == env.n
-    with pytest.raises(ValueError, match="needs a checkpoint"):
+    # bare ppo is the shipped controller: refused here with a clear layout error (it was
+    # trained on the `ppo` preset's four blueprints, this env has two)
+    with pytest.raises(ValueError, match="env layout mismatch: n_blueprints: checkpoint 4 != run 2"):
         make_policy("ppo", env, cfg)
 
 
