@@ -199,3 +199,22 @@ def test_culls_are_counted_in_the_episode_summary() -> None:
     summaries = env.pipeline.take_summaries()
     assert [s.culled for s in summaries] == [1, 1]
     assert all("cull(" in s.trajectory for s in summaries)
+
+
+def test_captures_are_requested_by_argument_and_returned_by_the_epoch() -> None:
+    from tensordict import TensorDict
+
+    from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
+
+    task = load_task("synthetic", train_size=32, val_size=16, test_size=8, seed=2)
+    mb = MorphogeneticBatch(task, 3, KasminaConfig(batch_size=16, val_batch_size=16), base_seed=1)
+    wait = TensorDict({k: torch.zeros(3, dtype=torch.long) for k in ("op", "slot", "blueprint", "tempo")},
+                      batch_size=[3])
+    signals = mb.run_epoch(wait, capture=frozenset({"grads", "activations", "logits"}))
+    cap = signals["captured"]
+    keys = set(cap.keys())
+    assert "val_logits" in keys and any(k.startswith("grad.") for k in keys) and any(k.startswith("act.") for k in keys)
+    assert cap["val_logits"].shape == (3, task.val_size, task.num_classes)
+    assert all(cap[k].shape[0] == 3 for k in keys)  # env-first, like every signal
+    assert not hasattr(mb, "captured") and "captured" not in mb.last.keys()
+    assert "captured" not in mb.run_epoch(wait).keys()  # nothing asked, nothing returned

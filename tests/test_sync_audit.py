@@ -54,12 +54,13 @@ def test_epoch_with_standard_telemetry_syncs_once(task) -> None:
     mb.run_epoch(_actions(2, Op.GERMINATE), capture=capture)
     with count_host_syncs() as syncs:
         signals = mb.run_epoch(_actions(2, Op.WAIT), capture=capture)
-        grads = {k: v for k, v in mb.captured.items() if k.startswith("grad.")}
+        captured = signals.pop("captured")  # returned by the epoch, not left in an attribute
+        grads = {k: captured[k] for k in captured.keys() if k.startswith("grad.")}  # noqa: SIM118
         signals["telemetry"] = tracker.collect(
             metrics={"val_acc": signals["val_acc"]},
             grads=grads,
-            logits=mb.captured["val_logits"],
-            labels=mb.captured["val_labels"],
+            logits=captured["val_logits"],
+            labels=task.val_y,
         )
         snap = materialize(signals)
     assert syncs.count == 1, syncs.calls

@@ -107,7 +107,6 @@ class MorphogeneticBatch:
         self._steps: dict[frozenset[str], Callable[..., dict[str, torch.Tensor]]] = {}
         self._plans: Plans | None = None
         self._pending: torch.Tensor | None = None  # [N, S] germinations awaiting re-init
-        self.captured: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------- setup
     def _env_keys(self) -> torch.Tensor:
@@ -259,8 +258,8 @@ class MorphogeneticBatch:
     def train_epoch(self, capture: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
         """One pass over each env's own permutation of the training set.
 
-        ``capture`` (``"grads"``, ``"activations"``) is taken from the epoch's last step only,
-        into ``self.captured``; other steps run the plain variant.
+        ``capture`` (``"grads"``, ``"activations"``) is taken from the epoch's last step only
+        and returned under ``"captured"``; other steps run the plain variant.
         """
         st = as_dicts(self.state)
         ctrl = self.controls()
@@ -278,8 +277,11 @@ class MorphogeneticBatch:
                 v = out[k] * y.shape[1] if k == "loss" else out[k]
                 sums[k] = sums[k] + v if k in sums else v
             last = out
-        self.captured.update({k: v for k, v in last.items() if k.startswith(("grad.", "act."))})
+        captured = {k: v for k, v in last.items() if k.startswith("grad.")}
+        # activations come as [B, N, ...]; returned env-first like everything else
+        captured |= {k: v.movedim(1, 0) for k, v in last.items() if k.startswith("act.")}
         return {
+            "captured": captured,
             "train_loss": sums["loss"] / seen,
             "train_acc": 100.0 * sums["correct"].float() / seen,
             "host_grad_norm": sums["host_grad_norm"] / steps,
@@ -291,8 +293,8 @@ class MorphogeneticBatch:
     def validate(self, keep_logits: bool = False) -> dict[str, torch.Tensor]:
         """Loss, accuracy and per-slot counterfactual accuracy, per env.
 
-        With ``keep_logits`` the actual model's validation logits ``[N, V, K]`` and labels go
-        to ``self.captured`` (per-class telemetry reads them).
+        With ``keep_logits`` the actual model's validation logits ``[N, V, K]`` are returned as
+        ``val_logits`` (per-class telemetry reads them with ``task.val_y``).
         """
         st = as_dicts(self.state)
         ctrl = self.controls()
@@ -307,16 +309,16 @@ class MorphogeneticBatch:
             loss += F.cross_entropy(actual.reshape(-1, k_cls), y.repeat(self.n), reduction="none").view(self.n, -1).sum(1)
             if keep_logits:
                 kept.append(actual)
-        if keep_logits:
-            self.captured["val_logits"] = torch.cat(kept, dim=1)
-            self.captured["val_labels"] = self.task.val_y
         total = self.task.val_size
         acc = 100.0 * correct / total
-        return {
+        out = {
             "val_loss": loss / total,
             "val_acc": acc[0],
             "val_acc_without": acc[1:].T.contiguous(),  # [N, S]
         }
+        if keep_logits:
+            out["val_logits"] = torch.cat(kept, dim=1)
+        return out
 
     @torch.no_grad()
     def test(self) -> dict[str, torch.Tensor]:
@@ -343,14 +345,14 @@ class MorphogeneticBatch:
     ) -> TensorDict:
         """Apply actions, train one epoch, validate, gate, tick. Returns per-env signals.
 
-        ``capture`` names extra tensors for telemetry (:data:`CAPTURES`), left in
-        ``self.captured`` for this epoch. With ``test`` the signals also hold ``test_acc`` and
-        ``test_loss`` (the held-out split, scored after this epoch's training).
+        ``capture`` names extra tensors for telemetry (:data:`CAPTURES`), returned env-first
+        under ``signals["captured"]`` (``grad.<name>``, ``act.<i>``, ``val_logits``). With
+        ``test`` the signals also hold ``test_acc`` and ``test_loss`` (the held-out split,
+        scored after this epoch's training).
         """
         unknown = capture - CAPTURES
         if unknown:
             raise ValueError(f"unknown capture(s) {sorted(unknown)}; allowed: {sorted(CAPTURES)}")
-        self.captured = {}
         if self._plans is None and self._pending is not None:
             self._reinit_pending()
         stage_before = self._stacked("stage")
@@ -378,6 +380,9 @@ class MorphogeneticBatch:
         self.epoch = self.epoch + 1
         # Gates again after the moves: these guard the controller's next decision.
         gate_pass, gate_reason = self.gates(val["val_acc"], train["seed_grad_norm"], train["host_grad_norm"])
+        captured = train.pop("captured")
+        if "val_logits" in val:
+            captured["val_logits"] = val.pop("val_logits")
         signals = TensorDict(
             {
                 **train,
@@ -403,7 +408,11 @@ class MorphogeneticBatch:
         )
         self.last = signals
         self._plans = None  # a plan serves one epoch
-        return signals
+        if not captured:
+            return signals
+        out = signals.copy()  # the captures go to the caller, not into ``self.last``
+        out["captured"] = TensorDict(captured, batch_size=[self.n])
+        return out
 
     # ----------------------------------------------------------------------------- queries
     def gates(self, val_acc: torch.Tensor, seed_grad_norm: torch.Tensor, host_grad_norm: torch.Tensor):

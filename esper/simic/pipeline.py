@@ -169,7 +169,7 @@ class EpochPipeline:
                     "reward_components": out["reward_components"],
                     "done": out["done"].squeeze(-1),
                     "episode": kas.episode,
-                    "diag": self.telemetry.diagnostics(out["signals"]),
+                    "diag": self.telemetry.diagnostics(raw),
                 },
                 batch_size=[n],
             )

@@ -82,18 +82,20 @@ class EpochTelemetry:
         return frozenset(_CAPTURE_FOR_INPUT[k] for k in need if k in _CAPTURE_FOR_INPUT)
 
     def diagnostics(self, signals: TensorDict) -> TensorDict:
-        """The active profile's diagnostics for this epoch, on the device (batch ``[N]``)."""
+        """The active profile's diagnostics for this epoch, on the device (batch ``[N]``), from
+        the epoch's signals and the captures it returned (``signals["captured"]``)."""
         b = self.batch
-        cap = b.captured
+        held = signals.get("captured", None)
+        cap = {k: held.get(k) for k in held.keys()} if held is not None else {}  # noqa: SIM118 (TensorDict iterates rows)
         need = self.tracker.required_inputs
         kwargs: dict[str, object] = {}
         if INPUT_GRADS in need:
             kwargs["grads"] = {k[len("grad."):]: v for k, v in cap.items() if k.startswith("grad.")}
         if INPUT_ACTIVATIONS in need:
             kwargs["activations"] = [cap[k] for k in sorted(k for k in cap if k.startswith("act."))]
-            kwargs["activation_env_dim"] = 1
+            kwargs["activation_env_dim"] = 0
         if INPUT_LOGITS in need or INPUT_LABELS in need:
-            kwargs["logits"], kwargs["labels"] = cap["val_logits"], cap["val_labels"]
+            kwargs["logits"], kwargs["labels"] = cap["val_logits"], b.task.val_y
         if INPUT_PARAMS in need:
             kwargs["params"] = list(b.state["host"].values())
         if INPUT_LOSS_FN in need:
