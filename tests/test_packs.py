@@ -304,3 +304,18 @@ def test_evaluate_runs_a_controller_on_the_setting_it_was_trained_on(
     assert data["task_seed"] == 3 and data["config"]["episode"]["envs"] == 2
     rc = evaluate.main(["--policies", f"ppo={ckpt}", "--envs", "2", "--backends", "none"])
     assert rc == 0 and "pass --task-seed N for a held-out score" in capsys.readouterr().out
+
+
+def test_shipped_controller_is_package_data_for_the_ppo_preset() -> None:
+    """The controller in the package loads into the setting it was trained on, records how it was
+    made, and is small."""
+    from esper.simic.ppo import shipped_controller
+
+    path = shipped_controller()
+    assert path is not None and path.stat().st_size < 2_000_000
+    ckpt = load_checkpoint(path)
+    assert ckpt["config"]["task"]["seed"] == 0  # trained on task seed 0 only: 1+ are held out
+    assert ckpt["provenance"]["lineage"][0]["method"] == "bc"
+    cfg = TrainingConfig.preset("ppo").updated(episode={"envs": 2})
+    policy = load_policy(path, MorphogeneticEnv(cfg), deterministic=True)
+    assert all(torch.equal(policy.modules.state_dict()[k], v) for k, v in ckpt["modules"].items())
