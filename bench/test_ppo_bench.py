@@ -44,4 +44,6 @@ def test_ppo_update(benchmark, mode: str) -> None:
     benchmark.extra_info["transitions_per_s"] = (
         ENVS * LENGTH * p.epochs / benchmark.stats.stats.mean
     )
-    assert torch.isfinite(torch.tensor(list(trainer.update(batch).values()))).all()
+    metrics = trainer.update(batch)
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in metrics.values())
+    assert 1 <= metrics["passes"] <= p.epochs
