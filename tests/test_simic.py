@@ -117,7 +117,7 @@ def test_reward_components_on_crafted_signals() -> None:
                    contribution=torch.tensor([[4.0, 9.0, 0], [2.0, 0, 0]]),
                    params_added=torch.tensor([0.0, 1000.0]))
     r = fn(sig, torch.tensor([Op.GERMINATE, Op.FOSSILIZE]), torch.tensor([False, True]))
-    assert r.contribution.tolist() == pytest.approx([0.04, 0.0])  # fossilized seeds are not live
+    assert r.contribution.tolist() == pytest.approx([0.04, 0.02])  # fossilized seeds still pay
     # env 1's episode ends here: the final state's potential counts as 0
     assert r.shaping.tolist() == pytest.approx([0.9 * 0.3 - 0.2, 0.9 * 0.0 - 0.5])
     assert r.rent.tolist() == pytest.approx([0.0, -0.5 * torch.log1p(torch.tensor(1.0)).item()])
@@ -126,6 +126,18 @@ def test_reward_components_on_crafted_signals() -> None:
     assert r.terminal.tolist() == pytest.approx([0.0, 1.6])
     parts = sum(v for k, v in r.to_dict().items() if k != "total")
     assert torch.allclose(r.total, parts)
+
+
+def test_fossilizing_does_not_cost_the_contribution_reward() -> None:
+    """The same seed contributing the same points pays the same whether it stays in probation or
+    is fossilized: no reward for keeping seeds in limbo (a 20-round PPO run learned that)."""
+    fn = ShapedReward(RewardConfig(contribution=1.0), 1000.0, "cpu", gamma=0.99)
+    paid = []
+    for stage in (S.PROBATIONARY, S.FOSSILIZED):
+        sig = _signals(n=1, s=1, stage=torch.tensor([[stage]]), stage_before=torch.tensor([[stage]]),
+                       alpha=torch.tensor([[1.0]]), contribution=torch.tensor([[3.0]]))
+        paid.append(float(fn(sig, torch.tensor([0]), torch.tensor([False])).contribution[0]))
+    assert paid == pytest.approx([0.03, 0.03])
 
 
 def test_reward_to_dict_is_complete() -> None:

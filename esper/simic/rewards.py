@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 from tensordict import TensorDict
 
-from esper.leyline import LIVE_STAGES, NUM_STAGES, Op, SeedStage, stage_mask
+from esper.leyline import NUM_STAGES, PRESENT_STAGES, Op, SeedStage, stage_mask
 from esper.simic.config import RewardConfig
 
 S = SeedStage
@@ -66,7 +66,10 @@ class ShapedReward:
         for stage, value in STAGE_POTENTIAL.items():
             pot[stage] = value
         self.potential = pot.to(device)
-        self.live = stage_mask(LIVE_STAGES, device)
+        # Seeds whose counterfactual contribution is paid: live ones and fossilized ones. Paying
+        # live seeds only (the reference design) made never fossilizing pay: a 20-round PPO run
+        # learned to keep seeds in limbo (README, "Longer training games the reward").
+        self.present = stage_mask(PRESENT_STAGES, device)
         cost = torch.zeros(len(Op))
         cost[Op.GERMINATE] = cfg.germinate_cost
         cost[Op.ADVANCE] = cfg.advance_cost
@@ -81,8 +84,7 @@ class ShapedReward:
     def __call__(self, signals: TensorDict, op: torch.Tensor, end: torch.Tensor) -> RewardComponents:
         cfg = self.cfg
         stage, before = signals["stage"], signals["stage_before"]
-        live = self.live[stage]
-        measured = live & (signals["alpha"] > 0)
+        measured = self.present[stage] & (signals["alpha"] > 0)
         contribution = cfg.contribution * 0.01 * torch.where(measured, signals["contribution"], 0.0).sum(1)
         # Potential-based shaping (Ng et al. 1999) with the learner's discount; the final state's
         # potential is 0, so over an episode the shaping terms sum to -Phi(s_0) whatever the policy.
