@@ -6,7 +6,7 @@
 # Usage: bash bench/train_controller.sh [OUT] [PPO_ROUNDS] [PPO_ENVS] [TEACHER]
 set -euo pipefail
 OUT=${1:-runs/controller}
-ROUNDS=${2:-12}
+ROUNDS=${2:-16}
 ENVS=${3:-12}
 TEACHER=${4:-fixed}
 mkdir -p "$OUT"
