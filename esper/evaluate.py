@@ -70,6 +70,21 @@ def trained_setting(policies: list[tuple[str, str | None]]) -> tuple[dict[str, A
     return None
 
 
+def observed_by(spec: str, cfg: Any) -> Any:
+    """``cfg`` with the observation a listed learned controller was trained on
+    (``features.observe``): its inputs are part of the policy, whatever else is evaluated."""
+    from esper.simic.ppo import checkpoint_for
+
+    name, _, arg = spec.partition("=")
+    if name not in ("ppo", "ppo_sample"):
+        return cfg
+    saved = load_checkpoint(checkpoint_for(arg or None, name))["config"].get("features", {})
+    observe = saved.get("observe", "minimal")
+    if observe == cfg.features.observe:
+        return cfg
+    return cfg.updated(features={"observe": observe})
+
+
 def aggregate(summaries: list[EpisodeSummary], seconds: float) -> dict[str, Any]:
     """Means and spreads over the valid episodes (governed ones, rolled back by the governor,
     are counted but never averaged in)."""
@@ -139,7 +154,7 @@ def _main(argv: list[str] | None = None) -> int:
     # env per policy with the same seeds: every policy sees identical hosts.
     runs = []
     for spec in specs:
-        env = MorphogeneticEnv(cfg, task=task)
+        env = MorphogeneticEnv(observed_by(spec, cfg), task=task)
         try:
             runs.append((spec, env, make_policy(spec, env, cfg, seed=cfg.episode.seed)))
         except ValueError as err:

@@ -14,7 +14,8 @@ from esper.leyline.actions import NUM_OPS
 from esper.leyline.constants import CANONICAL_SLOTS
 from esper.leyline.stages import SeedStage
 
-SCHEMA_VERSION = 2  # 2: no alpha_target column (alpha always blends up to 1)
+SCHEMA_VERSION = 3  # 3: optional diagnostic extras appended; 2: no alpha_target column
+READABLE_VERSIONS = (2, 3)  # a version-2 layout is a version-3 one without extras
 
 # Base (per-env) features that are not histories.
 BASE_SCALARS: tuple[str, ...] = (
@@ -51,11 +52,17 @@ SLOT_SCALARS: tuple[str, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class ObservationSchema:
-    """Feature names in order; ``index[name]`` is the column of a feature."""
+    """Feature names in order; ``index[name]`` is the column of a feature.
+
+    Base and per-slot features are always present; ``extras`` (the diagnostics a richer
+    telemetry profile collects, e.g. per-layer gradient norms and per-class accuracy) are
+    appended after them, so a minimal layout is a prefix of every richer one.
+    """
 
     history_length: int
     blueprints: tuple[str, ...]
     slots: tuple[str, ...] = CANONICAL_SLOTS
+    extras: tuple[str, ...] = ()
     version: int = SCHEMA_VERSION
     base: tuple[str, ...] = field(init=False)
     per_slot: tuple[str, ...] = field(init=False)
@@ -77,6 +84,9 @@ class ObservationSchema:
         names = list(base)
         for slot in self.slots:
             names += [f"{slot}.{f}" for f in per_slot]
+        names += list(self.extras)
+        if len(set(names)) != len(names):
+            raise ValueError("ObservationSchema extras repeat a feature name")
         object.__setattr__(self, "base", tuple(base))
         object.__setattr__(self, "per_slot", tuple(per_slot))
         object.__setattr__(self, "names", tuple(names))
@@ -92,6 +102,7 @@ class ObservationSchema:
             "history_length": self.history_length,
             "blueprints": list(self.blueprints),
             "slots": list(self.slots),
+            "extras": list(self.extras),
             "names": list(self.names),
         }
 
@@ -100,15 +111,16 @@ class ObservationSchema:
         missing = {"version", "history_length", "blueprints", "slots"} - set(data)
         if missing:
             raise ValueError(f"observation schema is missing keys {sorted(missing)}")
-        if data["version"] != SCHEMA_VERSION:
+        if data["version"] not in READABLE_VERSIONS:
             raise ValueError(
                 f"observation schema version {data['version']} is not supported; "
-                f"this build reads version {SCHEMA_VERSION}"
+                f"this build reads versions {list(READABLE_VERSIONS)}"
             )
         schema = cls(
             history_length=int(data["history_length"]),
             blueprints=tuple(data["blueprints"]),
             slots=tuple(data["slots"]),
+            extras=tuple(data.get("extras", ())),
         )
         if "names" in data and list(data["names"]) != list(schema.names):
             raise ValueError("observation schema names do not match the layout they declare")

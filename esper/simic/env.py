@@ -33,12 +33,13 @@ from esper.leyline import (
     Op,
     SeedStage,
 )
-from esper.nissa import NissaHub, TelemetryConfig
+from esper.nissa import NissaHub, TelemetryConfig, load_profile
 from esper.simic.config import TrainingConfig
 from esper.simic.pipeline import EpochPipeline, reason_or_unknown
 from esper.simic.rewards import RewardComponents, ShapedReward
 from esper.tamiyo.features import FeatureBuilder, new_tracker
 from esper.tamiyo.masks import MASK_KEYS, action_masks
+from esper.tamiyo.observed_diagnostics import ObservedDiagnostics
 from esper.tasks import TaskData, load_task
 
 ACTION_KEYS: tuple[str, ...] = HEADS
@@ -98,12 +99,15 @@ class MorphogeneticEnv(EnvBase):
         mb = self.kasmina
         self.slots = mb.arch.slots
         self.blueprint_names = mb.blueprint_names
+        self.observed = ObservedDiagnostics(load_profile(cfg.features.observe), list(mb.state["host"].keys()),
+                                            task.num_classes)
         self.schema = ObservationSchema(
-            history_length=cfg.history_length, blueprints=mb.blueprint_names, slots=mb.arch.slots
+            history_length=cfg.history_length, blueprints=mb.blueprint_names, slots=mb.arch.slots,
+            extras=self.observed.names,
         )
         self.features = FeatureBuilder(self.schema, mb.host_params, cfg.episode.length, cfg.features).to(task.device)
         self.reward_fn = ShapedReward(cfg.reward, mb.host_params, task.device, gamma=cfg.ppo.gamma)
-        self.tracker = new_tracker(n, len(self.slots), cfg.history_length, task.device)
+        self.tracker = self._new_tracker()
         self.signals = self._blank_signals()
         self._make_specs()
         self.pipeline = EpochPipeline(self, profile=profile, hub=hub)
@@ -161,6 +165,10 @@ class MorphogeneticEnv(EnvBase):
         )
 
     # ------------------------------------------------------------------------- helpers
+    def _new_tracker(self) -> TensorDict:
+        return new_tracker(self.n, len(self.slots), self.cfg.history_length, self.device,
+                           extras=len(self.observed.names))
+
     def _blank_signals(self) -> TensorDict:
         """Signals of envs that have not trained yet: all slots DORMANT, nothing measured."""
         out = {}
@@ -202,7 +210,7 @@ class MorphogeneticEnv(EnvBase):
             mask = reset.reshape(self.n).to(torch.bool)
         self.kasmina.reset_envs(mask)
         self.pipeline.on_reset(full=reset is None)
-        fresh = new_tracker(self.n, len(self.slots), self.cfg.history_length, self.device)
+        fresh = self._new_tracker()
         self.tracker = _rows(mask, fresh, self.tracker)
         self.signals = _rows(mask, self._blank_signals(), self.signals)
         self.pipeline.after_reset(mask)
@@ -222,9 +230,12 @@ class MorphogeneticEnv(EnvBase):
             {k: tensordict.get(k).reshape(self.n).long() for k in ACTION_KEYS}, batch_size=[self.n]
         )
         capture, test = self.pipeline.begin()
-        raw = self.kasmina.run_epoch(actions, capture=capture, test=test)
+        raw = self.kasmina.run_epoch(actions, capture=capture | self.observed.captures, test=test)
         self.signals = raw.select(*SIGNAL_KEYS).to(self.device)
-        self.tracker = self.features.update_tracker(self.tracker, self.signals, actions["op"])
+        extra = None
+        if self.observed.names:
+            extra = self.observed(raw.get("captured", None), self.kasmina.task.val_y, self.n)
+        self.tracker = self.features.update_tracker(self.tracker, self.signals, actions["op"], extra)
         truncated = self.signals["epoch"] >= self.episode_length
         components = self.reward_fn(self.signals, actions["op"], truncated)
         out = self._observe(components.to_tensordict(), update_norm=True)

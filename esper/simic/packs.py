@@ -108,6 +108,7 @@ def _expected_schema(saved: dict[str, Any]) -> dict[str, Any]:
             history_length=int(saved["history_length"]),
             blueprints=tuple(saved["blueprints"]),
             slots=tuple(saved["slots"]),
+            extras=tuple(saved.get("extras", ())),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise PackSchemaError(f"observation schema is malformed: {err}") from err

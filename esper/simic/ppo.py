@@ -448,6 +448,9 @@ def load_policy(path: str | Path, env: MorphogeneticEnv, deterministic: bool) ->
     checkpoint's statistics and is frozen, so observations match what the policy learned on."""
     ckpt = load_checkpoint(path)
     saved = PolicyShape(**ckpt["policy_shape"])
+    observe = ckpt["config"].get("features", {}).get("observe", "minimal")
+    check_matches(path, "observation (features.observe)", {"observe": observe},
+                  {"observe": env.cfg.features.observe})
     current = {"obs_size": env.schema.size, "n_slots": len(env.slots), "n_blueprints": len(env.blueprint_names)}
     check_matches(path, "env layout", {k: getattr(saved, k) for k in current}, current)
     norm = env.features.norm

@@ -55,6 +55,13 @@ class FeatureConfig(BaseModel):
     grad_explode: float = Field(
         1e3, gt=0.0, description="a seed gradient norm at or above this is not healthy (seed_grad_healthy)"
     )
+    observe: Literal["minimal", "standard", "diagnostic", "research"] = Field(
+        "minimal",
+        description="telemetry profile whose diagnostics the observation appends (standard: per-layer "
+        "gradient norms; diagnostic/research: also gradient std and per-class validation accuracy "
+        "and loss); independent of the run's telemetry profile, so a policy's inputs never change "
+        "when telemetry escalates",
+    )
 
 
 class FixedScheduleConfig(BaseModel):

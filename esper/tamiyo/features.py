@@ -37,6 +37,7 @@ TRACKER_KEYS: tuple[str, ...] = (
     "prev_val_loss",
     "prev_val_acc",
     "prev_contribution",
+    "obs_extra",
 )
 
 
@@ -85,8 +86,9 @@ class RunningNorm(nn.Module):
         return torch.nan_to_num(z, nan=0.0)  # a non-finite feature never reaches the policy
 
 
-def new_tracker(n: int, n_slots: int, history: int, device: torch.device | str) -> TensorDict:
-    """Per-env history and counters at the start of an episode."""
+def new_tracker(n: int, n_slots: int, history: int, device: torch.device | str, extras: int = 0) -> TensorDict:
+    """Per-env history and counters at the start of an episode; ``obs_extra [N, extras]`` holds
+    the latest observed diagnostics (schema extras), zero until the first epoch."""
     f = {"dtype": torch.float32, "device": device}
     lg = {"dtype": torch.long, "device": device}
     big = 1000
@@ -105,6 +107,7 @@ def new_tracker(n: int, n_slots: int, history: int, device: torch.device | str) 
             "prev_val_loss": torch.zeros(n, **f),
             "prev_val_acc": torch.zeros(n, **f),
             "prev_contribution": torch.zeros(n, n_slots, **f),
+            "obs_extra": torch.zeros(n, extras, **f),
         },
         batch_size=[n],
         device=device,
@@ -137,8 +140,10 @@ class FeatureBuilder(nn.Module):
         self.register_buffer("_gated_cols", torch.tensor(cols), persistent=False)
 
     # ------------------------------------------------------------------------- tracker
-    def update_tracker(self, tracker: TensorDict, signals: TensorDict, op: torch.Tensor) -> TensorDict:
-        """The tracker after one epoch: histories shift, counters tick (a new TensorDict)."""
+    def update_tracker(self, tracker: TensorDict, signals: TensorDict, op: torch.Tensor,
+                       extra: torch.Tensor | None = None) -> TensorDict:
+        """The tracker after one epoch: histories shift, counters tick (a new TensorDict).
+        ``extra [N, E]`` are the epoch's observed diagnostics (the schema's extras)."""
         first = signals["epoch"] <= 1
         val_loss, val_acc = signals["val_loss"], signals["val_acc"]
         prev_acc = torch.where(first, val_acc, tracker["val_acc_hist"][:, -1])
@@ -167,6 +172,7 @@ class FeatureBuilder(nn.Module):
                 "prev_val_loss": torch.where(first, val_loss, tracker["val_loss_hist"][:, -1]),
                 "prev_val_acc": prev_acc,
                 "prev_contribution": torch.where(self.measured[stage], signals["contribution"], 0.0),
+                "obs_extra": extra if extra is not None else tracker["obs_extra"],
             },
             batch_size=tracker.batch_size,
             device=tracker.device,
@@ -224,7 +230,7 @@ class FeatureBuilder(nn.Module):
         )  # [N, S, 9]
         bp = F.one_hot(signals["blueprint"], len(self.schema.blueprints)).float() * present[..., None]
         per_slot = torch.cat([slot_scalars, F.one_hot(stage, NUM_STAGES).float(), bp], dim=-1)
-        out = torch.cat([*base, per_slot.reshape(n, -1)], dim=1)
+        out = torch.cat([*base, per_slot.reshape(n, -1), tracker["obs_extra"]], dim=1)
         return torch.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6)
 
     def forward(self, tracker: TensorDict, signals: TensorDict) -> torch.Tensor:
