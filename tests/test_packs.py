@@ -91,6 +91,15 @@ def test_pack_round_trip(tmp_path: Path) -> None:
     assert not list((out / "data").rglob("*.pkl")) and not list((out / "data").rglob("*.pt"))
     with pytest.raises(PackError, match="not empty"):  # never written over
         write_pack(out, data, _schema_meta(), norm)
+    # The pack's id is its content: the same data gives the same id, a changed byte is refused.
+    again = write_pack(tmp_path / "q", data, _schema_meta(), norm)
+    assert meta["pack_id"].startswith("sha256:") and read_pack(again)[1]["pack_id"] == meta["pack_id"]
+    victim = next(f for f in sorted((out / "data").rglob("*")) if f.is_file() and f.stat().st_size > 0)
+    raw = bytearray(victim.read_bytes())
+    raw[0] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(PackError, match="does not match its pack_id"):
+        read_pack(out)
 
 
 def test_generated_pack_is_self_describing(heuristic_pack: Path) -> None:
@@ -279,6 +288,7 @@ def test_ppo_checkpoint_records_its_provenance(heuristic_pack: Path, tmp_path: P
     assert prov["code"]["package"] is not None
     offline = next(x for x in prov["lineage"] if "method" in x)
     assert offline["method"] == "bc" and offline["pack"] == str(heuristic_pack)
+    assert offline["pack_id"] == read_pack(heuristic_pack)[1]["pack_id"]
 
 
 def test_evaluate_runs_a_controller_on_the_setting_it_was_trained_on(

@@ -432,6 +432,7 @@ class OfflineTrainer:
                 "method": self.ocfg.method,
                 "settings": asdict(self.ocfg),
                 "pack": self.pack,
+                "pack_id": self.meta.get("pack_id"),
                 "pack_command": self.meta.get("command"),
                 "pack_policies": self.meta.get("policies"),
                 "pack_created": self.meta.get("created"),

@@ -32,6 +32,7 @@ naming the differing fields. No pickles: tensors are raw memmaps, metadata is JS
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -177,6 +178,7 @@ def write_pack(
         data.memmap_(tmp / "data")
         norm = TensorDict({k: v.detach().cpu() for k, v in (obs_norm or {}).items()}, batch_size=[])
         norm.memmap_(tmp / "obs_norm")
+        full["pack_id"] = content_id(tmp)
         with open(tmp / "meta.json", "w") as f:
             json.dump(full, f, indent=1)
             f.flush()
@@ -188,6 +190,20 @@ def write_pack(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def content_id(root: Path) -> str:
+    """``sha256:<hex>`` over the pack's tensor files (relative paths and bytes, sorted), so a
+    checkpoint can name the exact data it learned from and a damaged pack is noticed."""
+    h = hashlib.sha256()
+    for sub in ("data", "obs_norm"):
+        base = root / sub
+        if not base.is_dir():
+            continue
+        for f in sorted(x for x in base.rglob("*") if x.is_file()):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return f"sha256:{h.hexdigest()}"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -223,6 +239,8 @@ def read_pack(
     diffs = schema_differences(saved, expected)
     if diffs:
         raise PackSchemaError(f"{p}: observation schema differs from the code's: " + "; ".join(diffs))
+    if "pack_id" in meta and content_id(p) != meta["pack_id"]:
+        raise PackError(f"{p}: pack data does not match its pack_id {meta['pack_id']} (modified or damaged)")
     try:
         data = TensorDict.load_memmap(p / "data")
         norm = TensorDict.load_memmap(p / "obs_norm") if (p / "obs_norm").is_dir() else TensorDict()
