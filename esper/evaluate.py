@@ -20,9 +20,14 @@ from rich.table import Table
 
 import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
 from esper.atomic import atomic_write
+from esper.nissa import TelemetryConfig
+from esper.report.compare import check_plot_target, write_comparison
 from esper.simic.checkpoint import load_checkpoint
-from esper.simic.cli import add_common_args, make_hub, maybe_trace
-from esper.simic.env import MorphogeneticEnv, load_config_task
+from esper.simic.cli import add_common_args, maybe_trace, run_hub
+from esper.simic.config import TrainingConfig
+from esper.simic.distributed import Ranks, main_rank
+from esper.simic.env import load_config_task
+from esper.simic.launch import add_dist_args, for_rank, joined, trace_dir
 from esper.simic.preflight import (
     Interrupted,
     StopSignals,
@@ -34,6 +39,7 @@ from esper.simic.preflight import (
     run_cli,
 )
 from esper.simic.runner import EpisodeRunner, EpisodeSummary
+from esper.simic.sharding import run_env
 from esper.tamiyo.policies import POLICIES, make_policy
 
 
@@ -42,7 +48,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", default="static,random,fixed,heuristic",
                    help=f"comma-separated specs from {sorted(POLICIES)} (name or name=ARG)")
     p.add_argument("--json", type=Path, help="write the results table here (atomically)")
+    p.add_argument("--plot", type=Path, help="draw the comparison here (.png/.svg/.pdf): per-env points and "
+                                             "means of test accuracy and parameters added")
     add_common_args(p)
+    add_dist_args(p)
     add_debug_arg(p)
     # No preset and no config: a listed learned controller brings the setting it was trained
     # on (its checkpoint's config); otherwise the `default` preset.
@@ -106,6 +115,9 @@ def aggregate(summaries: list[EpisodeSummary], seconds: float) -> dict[str, Any]
         "reward": stat([s.total_reward for s in summaries]),
         "seconds": seconds,
         "trajectories": [s.trajectory for s in summaries],
+        "per_env": {"env": [s.env for s in summaries], "episode": [s.episode for s in summaries],
+                    **{k: [getattr(s, k) for s in summaries]
+                       for k in ("test_acc", "final_val_acc", "params_added", "fossilized", "culled")}},
     }
 
 
@@ -132,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    console = Console() if sys.stdout.isatty() else Console(width=200)
+    quiet = not main_rank()  # under torchrun, rank 0 speaks
+    console = Console(quiet=quiet) if sys.stdout.isatty() else Console(width=200, quiet=quiet)
     parsed = parse_policies(args.policies)
     trained_on = None
     if args.preset is None and args.config is None:
@@ -148,20 +161,31 @@ def _main(argv: list[str] | None = None) -> int:
             console.print(f"[yellow]note:[/yellow] task seed {saved_seed} is the task that controller "
                           f"was trained on: pass --task-seed N for a held-out score")
     check_file_target(args.json, "--json")
+    check_file_target(args.plot, "--plot")
+    check_plot_target(args.plot)
+    with joined(args, cfg) as ranks:
+        return evaluate(args, argv, cfg, profile, console, ranks)
+
+
+def evaluate(args: argparse.Namespace, argv: list[str] | None, cfg: TrainingConfig, profile: TelemetryConfig,
+             console: Console, ranks: Ranks) -> int:
+    """Every listed policy over this rank's envs; rank 0 prints and writes the results of all envs."""
     specs = [s.strip() for s in args.policies.split(",")]
-    task = load_config_task(cfg)
+    task = load_config_task(cfg, ranks.device)
     # Every policy is built (checkpoints matched to the env) before any of them runs; a fresh
     # env per policy with the same seeds: every policy sees identical hosts.
     runs = []
     for spec in specs:
-        env = MorphogeneticEnv(observed_by(spec, cfg), task=task)
+        env = run_env(observed_by(spec, cfg), ranks, task=task)
         try:
             runs.append((spec, env, make_policy(spec, env, cfg, seed=cfg.episode.seed)))
         except ValueError as err:
             raise UsageError(str(err), "--policies", "a policy that can be built for this env") from None
     results: dict[str, dict[str, Any]] = {}
     try:
-        with StopSignals() as stop, make_hub(cfg) as hub, maybe_trace(args.trace, f"evaluate-{cfg.telemetry.profile}"):
+        with StopSignals() as stop, run_hub(for_rank(cfg, ranks)) as hub, \
+                maybe_trace(trace_dir(args, ranks), f"evaluate-{cfg.telemetry.profile}"):
+            ranks.stop = stop  # a signal on any rank stops every rank after the same epoch
             for spec, env, policy in runs:
                 start = time.perf_counter()
                 runner = EpisodeRunner(env, policy, hub=hub, profile=profile, on_epoch=stop.check)
@@ -177,7 +201,7 @@ def _main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return err.exit_code
     console.print(results_table(results))
-    if args.json:
+    if args.json and ranks.main:
         write_json_atomic(args.json, {
             "task_seed": cfg.task.seed,
             "host_seed": cfg.episode.seed,
@@ -186,6 +210,10 @@ def _main(argv: list[str] | None = None) -> int:
             "results": results,
         })
         console.print(f"results {args.json}")
+    if args.plot and ranks.main:
+        write_comparison(args.plot, results, f"task seed {cfg.task.seed}, host seed {cfg.episode.seed}: "
+                                             f"each point one host run's test episode")
+        console.print(f"plot {args.plot}")
     return 0
 
 

@@ -29,11 +29,24 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _lsr(z, 31)
 
 
+def _wrap64(x: int) -> int:
+    """A Python int reduced to int64's two's-complement range (what the tensor ops wrap to)."""
+    return (x + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
 def stream_key(keys: torch.Tensor, *streams: int | torch.Tensor) -> torch.Tensor:
-    """Derive per-env sub-keys ``[N]`` for a named stream (e.g. slot, blueprint, epoch)."""
+    """Derive per-env sub-keys ``[N]`` for a named stream (e.g. slot, blueprint, epoch).
+
+    A Python-int stream id is folded into the additive constant on the host, so it reaches
+    the kernel as a scalar argument: making a tensor of it would be a host-to-device copy
+    (a sync on CUDA) per call. The result is the same as adding it as an int64 tensor.
+    """
     k = keys.to(torch.int64)
     for s in streams:
-        k = mix64(k * _GOLDEN + torch.as_tensor(s, dtype=torch.int64, device=k.device) + 0x632BE5AB)
+        if isinstance(s, torch.Tensor):
+            k = mix64(k * _GOLDEN + s.to(torch.int64) + 0x632BE5AB)
+        else:
+            k = mix64(k * _GOLDEN + _wrap64(int(s) + 0x632BE5AB))
     return k
 
 

@@ -13,11 +13,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from esper.leyline import EventKind
+from esper.leyline.events import AnomalyEvent
+from esper.nissa import NissaHub, TelemetryConfig
+from esper.nissa.anomaly import PPO_SCOPE
+from esper.report.after_run import report_after, report_target
 from esper.simic.checkpoint import CheckpointError, load_checkpoint
-from esper.simic.cli import add_common_args, make_hub, maybe_trace
-from esper.simic.config import ConfigError
-from esper.simic.env import MorphogeneticEnv
-from esper.simic.governor import policy_divergence
+from esper.simic.cli import add_common_args, maybe_trace, run_hub
+from esper.simic.config import ConfigError, TrainingConfig
+from esper.simic.distributed import Ranks, main_rank
+from esper.simic.launch import add_dist_args, agree_stop, for_rank, joined, trace_dir
 from esper.simic.offline import METHODS as OFFLINE_METHODS
 from esper.simic.offline import train_offline
 from esper.simic.ppo import PPOTrainer
@@ -34,6 +39,7 @@ from esper.simic.preflight import (
     run_cli,
 )
 from esper.simic.runner import EpisodeRunner, EpisodeSummary
+from esper.simic.sharding import run_env
 from esper.tamiyo.policies import POLICIES, make_policy
 
 PPO_ONLY = ("--rounds", "--resume", "--init", "--force")
@@ -52,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--offline-epochs", type=int, help="passes over the pack for --policy bc|iql")
     p.add_argument("--force", action="store_true", help="let a fresh PPO run overwrite an existing checkpoint")
     add_common_args(p)
+    add_dist_args(p)
+    p.add_argument("--report", action="store_true",
+                   help="write RUN_DIR/report.html (python -m esper.report) when the run ends; needs --backends ...jsonl")
     add_debug_arg(p)
     # The preset follows the policy unless given: PPO trains on the `ppo` preset, any other
     # controller runs the `default` one. The header line names the preset that ran.
@@ -65,7 +74,7 @@ def preflight_ppo(args: argparse.Namespace) -> tuple[object, object, Path]:
     refuse_flags(args, ("--data", "--offline-epochs"), "ppo")
     if args.rounds is not None and args.rounds < 1:
         raise UsageError(f"--rounds {args.rounds}", "--rounds", "a positive number of rounds")
-    cfg, profile = check_config(args, ["ppo"])
+    cfg, profile = check_config(args, ["ppo"], trains_ppo=True)
     if args.rounds is not None:
         try:
             cfg = cfg.updated(ppo={"rounds": args.rounds})
@@ -89,13 +98,17 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
     """Train with :class:`PPOTrainer`, one progress line per round, checkpoint every round.
 
     SIGINT/SIGTERM stop at the end of the current epoch (the partial round is dropped, the
-    last complete checkpoint kept); a diverging policy is not saved and the run exits 1.
+    last complete checkpoint kept). A diverged policy update is rolled back by the trainer and
+    the run goes on. A checkpoint write that fails (disk full) keeps the previous checkpoint and
+    is retried next round; if the last round's write fails the run exits 1.
     """
     cfg, profile, save = preflight_ppo(args)
     start = time.perf_counter()
     last: tuple[Path, int] | None = None  # the last complete checkpoint and its round
-    with StopSignals() as stop, make_hub(cfg) as hub, maybe_trace(args.trace, f"ppo-{cfg.telemetry.profile}"):
-        trainer = PPOTrainer(cfg, hub=hub, profile=profile)
+    with joined(args, cfg) as ranks, StopSignals() as stop, run_hub(for_rank(cfg, ranks)) as hub, \
+            maybe_trace(trace_dir(args, ranks), f"ppo-{cfg.telemetry.profile}"):
+        ranks.stop = stop  # a signal on any rank stops every rank after the same epoch
+        trainer = PPOTrainer(cfg, hub=hub, profile=profile, ranks=ranks)
         trainer.base_env.pipeline.callbacks.append(stop.check)
         if args.init is not None:
             try:
@@ -113,19 +126,17 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
             console.print(f"resumed {args.resume} at round {trainer.round}")
         console.print(f"PPO (preset {args.preset}): {cfg.episode.envs} envs x {cfg.episode.length} epochs "
                       f"per round, {cfg.ppo.rounds} rounds, task seed {cfg.task.seed}, host seed "
-                      f"{cfg.episode.seed}, telemetry {profile.name}, compile={cfg.compile}, device={cfg.device}")
+                      f"{cfg.episode.seed}, telemetry {profile.name}, compile={cfg.compile}, device={trainer.device}")
         try:
             while trainer.round < cfg.ppo.rounds:
                 stats = trainer.train_round()
                 console.print(f"{time.perf_counter() - start:7.1f}s {stats.line()}", highlight=False, markup=False)
-                why = policy_divergence(stats, trainer.params)
-                if why is not None:
-                    kept = f"last checkpoint {last[0]} at round {last[1]} kept" if last else "no checkpoint written"
-                    print(f"error: the policy diverged: {why} (ppo round {stats.round}); {kept}; "
-                          "lower ppo.lr or raise ppo.entropy_coef", file=sys.stderr)
-                    return 1
-                trainer.save(save)
-                last = (save, trainer.round)
+                try:
+                    trainer.save(save)
+                    last = (save, trainer.round)
+                except OSError as err:
+                    failed_save(hub, save, trainer.round, err, last)
+                agree_stop(ranks, stop)
                 stop.check()
         except Interrupted as err:
             hub.flush()
@@ -133,9 +144,26 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
             print(f"interrupted; {kept}", file=sys.stderr)
             return err.exit_code
     pipe = trainer.base_env.pipeline
+    rolled = sum(1 for h in trainer.history if h.get("rolled_back"))
+    if last is None or last[1] != trainer.round:
+        kept = f"last checkpoint {last[0]} at round {last[1]}" if last else "no checkpoint written"
+        print(f"error: the round {trainer.round} checkpoint was not written ({save}); {kept}; "
+              "free space or pick another --save, then --resume", file=sys.stderr)
+        return 1
     console.print(f"done: {trainer.round} rounds in {time.perf_counter() - start:.1f}s; checkpoint {save}; "
-                  f"{pipe.transfers} host transfers for {pipe.epochs} epochs")
+                  f"{pipe.transfers} host transfers for {pipe.epochs} epochs"
+                  + (f"; diverged policy updates rolled back: {rolled}" if rolled else ""))
     return 0
+
+
+def failed_save(hub: NissaHub, save: Path, round_: int, err: OSError, last: tuple[Path, int] | None) -> None:
+    """A checkpoint write failed (the atomic write left the previous file): say so on stderr
+    and in telemetry; the run goes on and the next round tries again."""
+    kept = f"last checkpoint {last[0]} at round {last[1]} kept" if last else "no checkpoint yet"
+    message = f"checkpoint {save} not written at round {round_} ({err.strerror or err}); {kept}"
+    print(f"warning: {message}", file=sys.stderr)
+    hub.emit(AnomalyEvent(kind=EventKind.ANOMALY, epoch=round_, detector="checkpoint", severity="severe",
+                          message=message, payload={"scope": PPO_SCOPE, "path": str(save), "error": str(err)}))
 
 
 def summary_table(summaries: list[EpisodeSummary], title: str) -> Table:
@@ -154,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    console = Console() if sys.stdout.isatty() else Console(width=200)
+    quiet = not main_rank()  # under torchrun, rank 0 speaks
+    console = Console(quiet=quiet) if sys.stdout.isatty() else Console(width=200, quiet=quiet)
     if args.preset is None:
         args.preset = "ppo" if args.policy == "ppo" else "default"
+    report = report_target(args) if args.policy not in OFFLINE_METHODS else None
     if args.policy == "ppo":
-        return train_ppo(args, console)
+        return report_after(train_ppo(args, console), report if main_rank() else None)
     if args.policy in OFFLINE_METHODS:
-        refuse_flags(args, ("--rounds", "--force", "--trace"), args.policy)
+        refuse_flags(args, ("--rounds", "--force", "--trace", "--report"), args.policy)
         return train_offline(args, console)
     refuse_flags(args, (*PPO_ONLY, "--save", "--data", "--offline-epochs"), args.policy)
     specs = parse_policies(args.policy, "--policy")
@@ -168,7 +198,15 @@ def _main(argv: list[str] | None = None) -> int:
         raise UsageError(f"{len(specs)} policies given", "--policy", "one policy (esper.evaluate compares several)")
     name = specs[0][0]
     cfg, profile = check_config(args, [name])
-    env = MorphogeneticEnv(cfg, profile=profile)
+    with joined(args, cfg) as ranks:
+        code = run_controller(args, cfg, profile, console, ranks)
+    return report_after(code, report if ranks.main else None)
+
+
+def run_controller(args: argparse.Namespace, cfg: TrainingConfig, profile: TelemetryConfig, console: Console,
+                   ranks: Ranks) -> int:
+    """Run ``--policy`` (not PPO) over this rank's envs; the summaries of every env, printed on rank 0."""
+    env = run_env(cfg, ranks, profile=profile)
     try:
         policy = make_policy(args.policy, env, cfg, seed=cfg.episode.seed)
     except ValueError as err:
@@ -176,12 +214,13 @@ def _main(argv: list[str] | None = None) -> int:
     total = cfg.episode.episodes * cfg.episode.length
     start = time.perf_counter()
     try:
-        with StopSignals() as stop, make_hub(cfg) as hub, \
-                maybe_trace(args.trace, f"{args.policy}-{cfg.telemetry.profile}"), Progress(
+        with StopSignals() as stop, run_hub(for_rank(cfg, ranks)) as hub, \
+                maybe_trace(trace_dir(args, ranks), f"{args.policy}-{cfg.telemetry.profile}"), Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
         ) as progress:
-            task = progress.add_task(f"{args.policy} x{env.n}", total=total, status="")
+            ranks.stop = stop  # a signal on any rank stops every rank after the same epoch
+            task = progress.add_task(f"{args.policy} x{cfg.episode.envs}", total=total, status="")
 
             def on_epoch(step: int, snap: dict[str, np.ndarray]) -> None:
                 acc = snap["signals.val_acc"]

@@ -243,12 +243,14 @@ def grad_percentiles(
 
     Of ``|g|`` by default, the magnitude profile the research telemetry plots. Sorts each
     layer once for all envs and quantiles (``torch.quantile`` caps inputs at 16M elements).
-    NaNs sort last, so they show up in the top percentiles.
+    NaNs sort last, so they show up in the top percentiles. Pass ``qs`` as a tensor on the
+    gradients' device in a per-epoch path: a list is copied to the device (once per call).
     """
+    layers = _flat_layers(grads)
+    q = torch.as_tensor(qs, dtype=torch.float32, device=layers[0].device)
     out = []
-    for x in _flat_layers(grads):
+    for x in layers:
         v = (x.abs() if absolute else x).sort(dim=1).values
-        q = torch.as_tensor(qs, dtype=torch.float32, device=v.device)
         pos = q * (v.shape[1] - 1)
         lo = pos.floor().long()
         hi = pos.ceil().long()

@@ -20,3 +20,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _auto_device_is_the_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``device: auto`` picks CUDA where there is one; the suite keeps its unmarked tests on
+    the CPU everywhere (tests marked ``cuda`` ask for CUDA themselves)."""
+    if "cuda" not in request.keywords:
+        monkeypatch.setattr("esper.device.cuda_default", lambda: False)

@@ -30,11 +30,9 @@ N, B, K = 3, 16, 4
 METRICS = {"metrics.val_accuracy", "metrics.val_loss"}
 STANDARD = METRICS | {
     f"gradients.{k}"
-    for k in ("total_norm", "norm", "nonfinite", "frac_vanishing", "frac_exploding", "max_abs")
+    for k in ("total_norm", "norm", "nonfinite", "frac_vanishing", "frac_exploding", "max_abs", "mean", "std")
 }
 DIAGNOSTIC = STANDARD | {
-    "gradients.mean",
-    "gradients.std",
     "gradients.percentiles",
     "per_class.count",
     "per_class.accuracy",

@@ -204,6 +204,9 @@ def test_tensorboard_backend_writes_event_file(tmp_path: Path) -> None:
         )
     )
     tb.emit(TelemetryEvent(kind=EventKind.PPO_UPDATE, epoch=1, payload={"entropy": 0.5}))
+    # Dict payloads (per-head entropy, reward components) become one scalar per leaf.
+    tb.emit(TelemetryEvent(kind=EventKind.PPO_UPDATE, epoch=2,
+                           payload={"head_entropy": {"op": 0.25, "slot": 0.125}, "components": {"rent": {"x": -1.0}}}))
     tb.emit(AnomalyEvent(kind=EventKind.ANOMALY, epoch=1, message="m"))
     tb.close()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -211,9 +214,10 @@ def test_tensorboard_backend_writes_event_file(tmp_path: Path) -> None:
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = acc.Tags()
-    assert {"metrics.val_loss/mean", "metrics.val_loss/env1", "ppo_update/entropy"} <= set(
-        tags["scalars"]
-    )
+    assert {"metrics.val_loss/mean", "metrics.val_loss/env1", "ppo_update/entropy",
+            "ppo_update/head_entropy/op", "ppo_update/head_entropy/slot",
+            "ppo_update/components/rent/x"} <= set(tags["scalars"])
+    assert [e.value for e in acc.Scalars("ppo_update/head_entropy/op")] == [0.25]
     assert "gradients.norm" in tags["histograms"]
 
 

@@ -36,10 +36,10 @@ def test_richer_profiles_append_columns_to_the_minimal_layout(task) -> None:
     assert base.extras == ()
     layers = list(envs["minimal"].kasmina.state["host"].keys())
     k = task.num_classes
-    assert envs["standard"].schema.extras == tuple(f"grad_log_norm.{x}" for x in layers)
+    grads = tuple(f"grad_log_norm.{x}" for x in layers) + tuple(f"grad_log_std.{x}" for x in layers)
+    assert envs["standard"].schema.extras == grads
     diag = envs["diagnostic"].schema.extras
-    assert diag == (tuple(f"grad_log_norm.{x}" for x in layers) + tuple(f"grad_log_std.{x}" for x in layers)
-                    + tuple(f"class_acc.{c}" for c in range(k)) + tuple(f"class_loss.{c}" for c in range(k)))
+    assert diag == grads + tuple(f"class_acc.{c}" for c in range(k)) + tuple(f"class_loss.{c}" for c in range(k))
     for env in envs.values():  # the minimal layout is a prefix of every richer one
         assert env.schema.names[: base.size] == base.names
         out = _step(env)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from esper.kasmina import layers
+from esper.kasmina import groupops, layers
 
 Params = dict[str, torch.Tensor]
 
@@ -69,7 +69,7 @@ def _groups(c: int) -> int:
 
 def _depthwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n, c = weight.shape[:2]
-    return F.conv2d(x, weight.reshape(n * c, 1, 3, 3), padding=1, groups=n * c)
+    return groupops.conv2d(x, weight.reshape(n * c, 1, 3, 3), padding=1)
 
 
 def _norm(x: torch.Tensor, n: int, c: int, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ register_blueprint(
 
 def _depthwise_delta(p: Params, x: torch.Tensor, n: int) -> torch.Tensor:
     c = x.shape[1] // n
-    h = layers.conv(_depthwise(x, p["dw"]), p["pw"], padding=0)
+    h = layers.seed_conv(_depthwise(x, p["dw"]), p["pw"], padding=0)
     return _norm(h, n, c, p["gn_w"], p["gn_b"])
 
 
@@ -178,9 +178,9 @@ def _bottleneck_width(c: int) -> int:
 
 
 def _bottleneck_delta(p: Params, x: torch.Tensor, n: int) -> torch.Tensor:
-    h = F.relu(layers.conv(x, p["reduce"], padding=0))
-    h = F.relu(layers.conv(h, p["mix"], padding=1))
-    return layers.conv(h, p["expand"], padding=0)
+    h = F.relu(layers.seed_conv(x, p["reduce"], padding=0))
+    h = F.relu(layers.seed_conv(h, p["mix"], padding=1))
+    return layers.seed_conv(h, p["expand"], padding=0)
 
 
 def _bottleneck_init(keys: torch.Tensor, c: int) -> Params:
@@ -206,7 +206,7 @@ register_blueprint(
 
 def _conv_small_delta(p: Params, x: torch.Tensor, n: int) -> torch.Tensor:
     c = x.shape[1] // n
-    return _norm(layers.conv(x, p["pw"], padding=0), n, c, p["gn_w"], p["gn_b"])
+    return _norm(layers.seed_conv(x, p["pw"], padding=0), n, c, p["gn_w"], p["gn_b"])
 
 
 # conv_small: 1x1 conv + norm, norm scale starting at zero.
@@ -227,7 +227,7 @@ register_blueprint(
 
 def _conv_block(x: torch.Tensor, n: int, w: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
     c = x.shape[1] // n
-    return F.relu(_norm(layers.conv(x, w, padding=1), n, c, gw, gb))
+    return F.relu(_norm(layers.seed_conv(x, w, padding=1), n, c, gw, gb))
 
 
 def _conv_light_delta(p: Params, x: torch.Tensor, n: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ TensorDict of per-env signals. Everything stays on the device: no host sync in h
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
+from torch._dynamo.utils import counters
 
 from esper import rng
 from esper.kasmina.blueprints import get_blueprints
@@ -33,6 +35,7 @@ from esper.leyline import (
     Op,
     SeedStage,
     ordered_slots,
+    stage_mask,
 )
 from esper.nissa.profiling import phase
 from esper.tasks import EnvBatchSampler, TaskData
@@ -106,7 +109,12 @@ class MorphogeneticBatch:
         self.last = self._initial_signals()
         self._steps: dict[frozenset[str], Callable[..., dict[str, torch.Tensor]]] = {}
         self._plans: Plans | None = None
+        self._eval_plans: Plans | None = None
         self._pending: torch.Tensor | None = None  # [N, S] germinations awaiting re-init
+        self._computing = stage_mask(COMPUTING_STAGES, self.device)
+        # Dynamo graphs this batch compiled and the wall seconds of the steps that compiled them.
+        self.compile_graphs = 0
+        self.compile_seconds = 0.0
 
     # ----------------------------------------------------------------------------- setup
     def _env_keys(self) -> torch.Tensor:
@@ -119,7 +127,11 @@ class MorphogeneticBatch:
         return fn
 
     def _step_for(self, capture: frozenset[str]) -> Callable[..., dict[str, torch.Tensor]]:
-        """The step variant returning ``capture`` (one compiled graph per distinct set)."""
+        """The step variant returning ``capture``. Compiled, always the one capturing everything
+        (:meth:`train_epoch` filters; the grads and block activations exist anyway, returning
+        them costs little), so one graph and a capture escalation compiles nothing."""
+        if self.cfg.compile:
+            capture = TRAIN_CAPTURE
         if capture not in self._steps:
             self._steps[capture] = self._build_step(capture)
         return self._steps[capture]
@@ -145,40 +157,95 @@ class MorphogeneticBatch:
         of every blueprint for every env. Envs that start computing next epoch come from
         GERMINATED, which is already TRAINING in such a snapshot, so the plan always covers
         every computing seed; envs that stop (culled, reset) are harmless extra work for an
-        epoch (alpha 0, lr 0). Eager only: under ``torch.compile`` the masked path keeps one
-        graph. A plan serves one epoch; without a new one the next epoch runs masked.
+        epoch (alpha 0, lr 0). The groups are gathered on the device (:meth:`_group_plan`); the
+        snapshot only sizes them. A plan serves one epoch; without a new one the next epoch
+        runs masked (eager) or with every env in every group (compiled: the same graph).
         ``germinated`` ``[N, S]`` (the snapshot's germinations) lets the seeds germinated under
         the previous plan be re-initialized per (env, slot) instead of masked over all envs.
         """
-        if self.cfg.compile:
-            return
         if germinated is not None and self._pending is not None:
             self._reinit_listed(germinated)
             self._pending = None
         elif self._pending is not None:
             self._reinit_pending()
         computing = np.isin(stage, [int(x) for x in COMPUTING_STAGES])
+        nb = len(self.arch.blueprints)
+        counts = np.stack([np.bincount(blueprint[computing[:, k], k], minlength=nb) for k in range(stage.shape[1])])
+        self._plans = self._group_plan(counts)
+        # Validation runs eagerly: it leaves out the empty groups a compiled step keeps.
+        names = self.blueprint_names
+        self._eval_plans = {
+            slot: {bp: g for bp, g in self._plans[slot].items() if counts[k, names.index(bp)]}
+            for k, slot in enumerate(self.arch.slots)
+        }
+
+    def _group_plan(self, counts: np.ndarray | None) -> Plans:
+        """Each (slot, blueprint)'s computing envs, gathered on the device from its own state.
+
+        No index list is copied from the host: ``counts [S, B]`` (the snapshot's group sizes)
+        only sizes the groups, and a stable argsort of each group's membership puts its envs
+        first; ``None`` sizes every group at N (a whole-batch plan, for an epoch without a
+        snapshot). Eager, empty groups are left out and the others are exact. Compiled, every
+        non-identity group is present with at least 2 rows (dynamo specializes sizes 0 and
+        1), its size marked dynamic, so one graph serves every plan; padding rows are the first
+        non-members, masked out. A group the governor's rollback grew past its snapshot count
+        leaves the extra envs' seeds out for that epoch.
+        """
+        compiled = self.cfg.compile
+        stage, blueprint = self._stacked("stage"), self._stacked("blueprint")
+        computing = self._computing[stage]
         plans: Plans = {}
         for k, slot in enumerate(self.arch.slots):
             plans[slot] = {}
             for b, bp in enumerate(self.arch.blueprints):
-                envs = np.flatnonzero(computing[:, k] & (blueprint[:, k] == b))
-                if envs.size and not bp.identity:
-                    plans[slot][bp.name] = torch.as_tensor(envs, dtype=torch.long, device=self.device)
-        self._plans = plans
+                count = self.n if counts is None else int(counts[k, b])
+                if bp.identity or (count == 0 and not compiled):
+                    continue
+                size = max(count, 2) if compiled else count
+                member = computing[:, k] & (blueprint[:, k] == b)
+                envs = torch.argsort((~member).to(torch.uint8), stable=True)
+                valid = member.index_select(0, envs)
+                if size > self.n:  # one env: pad with itself, masked
+                    envs = torch.cat([envs, envs[:1].expand(size - self.n)])
+                    valid = torch.cat([valid, torch.zeros_like(valid[:1]).expand(size - self.n)])
+                envs, valid = envs[:size], valid[:size]
+                if compiled:
+                    torch._dynamo.mark_dynamic(envs, 0)
+                    torch._dynamo.mark_dynamic(valid, 0)
+                plans[slot][bp.name] = (envs, valid)
+        return plans
 
-    def _reinit_listed(self, germinated: np.ndarray) -> None:
-        """Fresh parameters and momentum for the listed (env, slot) germinations only."""
+    def reinit_germinated(self, germinated: np.ndarray, blueprint: np.ndarray) -> None:
+        """Re-initialize the seeds germinated this epoch, from its host snapshot.
+
+        ``germinated`` and ``blueprint`` ``[N, S]`` are the snapshot's: only the (slot,
+        blueprint) pairs that germinated are initialized, and nothing at all in an epoch
+        without a germination. Call it after every epoch's transfer (the pipeline does), or
+        the next epoch re-initializes every blueprint of every slot, masked.
+        """
+        self._reinit_listed(germinated, blueprint)
+
+    def _reinit_listed(self, germinated: np.ndarray, blueprint: np.ndarray | None = None) -> None:
+        """Fresh parameters and momentum for the pending germinations a host snapshot lists.
+
+        The host picks which (slot, blueprint) pairs to make (every blueprint of the slot when
+        ``blueprint`` is not given); the device's pending mask picks the envs, so no index list
+        is copied to the device. Germinations the snapshot does not list are dropped: it must
+        be the snapshot of the epoch that made them.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
         for k, slot in enumerate(self.arch.slots):
-            envs = np.flatnonzero(germinated[:, k])
-            if envs.size == 0:
+            listed = np.asarray(germinated[:, k], dtype=bool)
+            if not listed.any():
                 continue
-            idx = torch.as_tensor(envs, dtype=torch.long, device=self.device)
-            counts = self.state["slots", slot, "germinations"].index_select(0, idx)
-            fresh = init_seeds(self.arch, self.keys.index_select(0, idx), slot, counts)
-            for key, value in fresh.items(include_nested=True, leaves_only=True):
-                self.state["seeds", slot].get(key).index_copy_(0, idx, value)
-                self.state["seed_mom", slot].get(key).index_fill_(0, idx, 0.0)
+            if blueprint is None:
+                self._reinit_seeds(slot, pending[:, k])
+                continue
+            current = self.state["slots", slot, "blueprint"]
+            for b in np.unique(blueprint[listed, k]).tolist():
+                self._reinit_seeds(slot, pending[:, k] & (current == b), (b,))
 
     def reset_envs(self, mask: torch.Tensor) -> None:
         """Fresh hosts (new per-env keys) for envs in ``mask``; the others continue untouched."""
@@ -212,25 +279,25 @@ class MorphogeneticBatch:
             accepted = accepted | g | a | f | c
             germinated.append(g)
         fresh = torch.stack(germinated, dim=1)
-        if self._plans is None:
-            self._reinit_pending(fresh)
-        else:
-            # A germinated seed first computes next epoch: set_plan re-initializes just those
-            # (env, slot) pairs from the snapshot; until then they wait here.
-            self._pending = fresh if self._pending is None else self._pending | fresh
+        # A germinated seed first computes next epoch (GERMINATED trains nothing), so its
+        # fresh parameters wait for the epoch's host snapshot, which names the germinations
+        # (reinit_germinated, or set_plan); without a snapshot the next epoch re-initializes
+        # them masked. Deciding here would need the device's mask on the host: a sync.
+        self._pending = fresh if self._pending is None else self._pending | fresh
         return {"accepted": accepted, "germinated": fresh}
 
-    def _reinit_pending(self, fresh: torch.Tensor | None = None) -> None:
-        """Masked re-initialization (every blueprint, all envs) of germinated seeds."""
-        mask = fresh if self._pending is None else (self._pending if fresh is None else self._pending | fresh)
-        self._pending = None
+    def _reinit_pending(self) -> None:
+        """Masked re-initialization (every blueprint, all envs) of the pending germinations:
+        the fallback when no host snapshot says which ones there are."""
+        mask, self._pending = self._pending, None
         if mask is None:
             return
         for k, slot in enumerate(self.arch.slots):
             self._reinit_seeds(slot, mask[:, k])
 
-    def _reinit_seeds(self, slot: str, mask: torch.Tensor) -> None:
-        fresh = init_seeds(self.arch, self.keys, slot, self.state["slots", slot, "germinations"])
+    def _reinit_seeds(self, slot: str, mask: torch.Tensor, only: tuple[int, ...] | None = None) -> None:
+        """Fresh parameters, zero momentum for envs in ``mask`` (blueprints ``only``, or all)."""
+        fresh = init_seeds(self.arch, self.keys, slot, self.state["slots", slot, "germinations"], only)
         where_envs(mask, fresh, self.state["seeds", slot])
         where_envs(mask, fresh.apply(torch.zeros_like), self.state["seed_mom", slot])
 
@@ -259,7 +326,9 @@ class MorphogeneticBatch:
         """One pass over each env's own permutation of the training set.
 
         ``capture`` (``"grads"``, ``"activations"``) is taken from the epoch's last step only
-        and returned under ``"captured"``; other steps run the plain variant.
+        and returned under ``"captured"``; other steps run the plain variant (compiled, one
+        variant serves both: :meth:`_step_for`). Compiled, every epoch is planned (the whole
+        batch when no plan was set), so the graph is always the same one.
         """
         st = as_dicts(self.state)
         ctrl = self.controls()
@@ -268,18 +337,25 @@ class MorphogeneticBatch:
         seen = 0
         steps = self.sampler.steps_per_epoch
         wanted = capture & TRAIN_CAPTURE
+        plans = self._plans
+        if plans is None and self.cfg.compile:
+            plans = self._group_plan(None)
         for i, (x, y) in enumerate(self.sampler.epoch(self.keys, self.epoch)):
             step = self._step_for(wanted if i == steps - 1 else frozenset())
+            graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
             out = step(st["host"], st["buffers"], st["seeds"], st["host_mom"], st["seed_mom"], ctrl, x, y,
-                       plans=self._plans)
+                       plans=plans)
+            if counters["stats"]["unique_graphs"] != graphs:
+                self.compile_graphs += counters["stats"]["unique_graphs"] - graphs
+                self.compile_seconds += time.perf_counter() - t0
             seen += y.shape[1]
             for k in ("loss", "correct", "host_grad_norm", "seed_grad_norm"):
                 v = out[k] * y.shape[1] if k == "loss" else out[k]
                 sums[k] = sums[k] + v if k in sums else v
             last = out
-        captured = {k: v for k, v in last.items() if k.startswith("grad.")}
+        captured = {k: v for k, v in last.items() if k.startswith("grad.") and "grads" in wanted}
         # activations come as [B, N, ...]; returned env-first like everything else
-        captured |= {k: v.movedim(1, 0) for k, v in last.items() if k.startswith("act.")}
+        captured |= {k: v.movedim(1, 0) for k, v in last.items() if k.startswith("act.") and "activations" in wanted}
         return {
             "captured": captured,
             "train_loss": sums["loss"] / seen,
@@ -303,7 +379,7 @@ class MorphogeneticBatch:
         loss = torch.zeros(self.n, device=self.device)
         kept: list[torch.Tensor] = []
         for x, y in self.sampler.val_batches(self.cfg.val_batch_size):
-            logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x, self._plans)
+            logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x, self._eval_plans)
             correct += (logits.argmax(dim=-1) == y).sum(dim=-1)
             actual = logits[0]
             loss += F.cross_entropy(actual.reshape(-1, k_cls), y.repeat(self.n), reduction="none").view(self.n, -1).sum(1)
@@ -334,7 +410,7 @@ class MorphogeneticBatch:
         loss = torch.zeros(self.n, device=self.device)
         for x, y in self.sampler.val_batches(self.cfg.val_batch_size, split="test"):
             logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x,
-                                  self._plans, counterfactuals=False)[0]
+                                  self._eval_plans, counterfactuals=False)[0]
             correct += (logits.argmax(dim=-1) == y).sum(dim=-1)
             loss += F.cross_entropy(logits.reshape(-1, k_cls), y.repeat(self.n), reduction="none").view(self.n, -1).sum(1)
         total = self.task.test_size
@@ -407,7 +483,7 @@ class MorphogeneticBatch:
             batch_size=[self.n],
         )
         self.last = signals
-        self._plans = None  # a plan serves one epoch
+        self._plans = self._eval_plans = None  # a plan serves one epoch
         if not captured:
             return signals
         out = signals.copy()  # the captures go to the caller, not into ``self.last``

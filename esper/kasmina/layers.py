@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from esper import rng
+from esper.kasmina import groupops
 
 
 def init_weight(keys: torch.Tensor, stream: tuple[int, ...], shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
@@ -61,6 +62,12 @@ def conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 1, shared_input: 
     return F.conv2d(x, w, padding=padding, groups=1 if shared_input else n)
 
 
+def seed_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 1) -> torch.Tensor:
+    """:func:`conv` for seed blueprints, whose env count is symbolic in the compiled plan."""
+    n, cout, cin, k, _ = weight.shape
+    return groupops.conv2d(x, weight.reshape(n * cout, cin, k, k), padding)
+
+
 def batch_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -97,7 +104,7 @@ def batch_norm(
 
 def group_norm(x: torch.Tensor, n: int, groups: int, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Per-env GroupNorm (per-sample statistics: no running state, same in train and eval)."""
-    return F.group_norm(x, n * groups, weight.flatten(), bias.flatten(), eps=1e-5)
+    return groupops.group_norm(x, n * groups, weight.flatten(), bias.flatten(), eps=1e-5)
 
 
 def linear_head(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

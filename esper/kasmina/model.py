@@ -14,7 +14,10 @@ from esper.kasmina.hosts import HostSpec, host_block, host_head
 Tensors = dict[str, torch.Tensor]
 SeedParams = dict[str, dict[str, Tensors]]  # slot -> blueprint -> name -> [N, ...]
 Controls = dict[str, Tensors]  # slot -> {alpha, isolated, lr, onehot}
-Plans = dict[str, dict[str, torch.Tensor]]  # slot -> blueprint -> env indices whose seed computes
+# slot -> blueprint -> (env indices [k], valid [k]): the envs whose seed computes, gathered
+# (rows where ``valid`` is False are padding: they compute but are masked out).
+Group = tuple[torch.Tensor, torch.Tensor]
+Plans = dict[str, dict[str, Group]]
 
 
 @dataclass(frozen=True)
@@ -32,13 +35,16 @@ class Architecture:
         return [s for s in self.slots if self.spec.slot_after[CANONICAL_SLOTS.index(s)] == i]
 
 
-def _grouped_delta(bp: Blueprint, params: Tensors, hv_in: torch.Tensor, envs: torch.Tensor) -> torch.Tensor:
-    """``delta`` of one blueprint for the envs ``envs`` only: ``[B, len(envs), C, H, W]``."""
+def _grouped_delta(bp: Blueprint, params: Tensors, hv_in: torch.Tensor, group: Group) -> torch.Tensor:
+    """``delta`` of one blueprint for the group's envs only: ``[B, k, C, H, W]``, zero on
+    padding rows (``where``, not a product, so a padding row's NaN never leaks)."""
+    envs, valid = group
     b, _, c, hh, ww = hv_in.shape
     k = envs.shape[0]
     x = hv_in.index_select(1, envs).reshape(b, k * c, hh, ww)
     sub = {name: v.index_select(0, envs) for name, v in params.items()}
-    return bp.delta(sub, x, k).view(b, k, c, hh, ww)
+    delta = bp.delta(sub, x, k).view(b, k, c, hh, ww)
+    return torch.where(valid.view(1, k, 1, 1, 1), delta, 0.0)
 
 
 def apply_slot(
@@ -46,7 +52,7 @@ def apply_slot(
     h: torch.Tensor,
     seeds: dict[str, Tensors],
     ctrl: Tensors,
-    plan: dict[str, torch.Tensor] | None = None,
+    plan: dict[str, Group] | None = None,
 ) -> torch.Tensor:
     """One slot for all envs: seed ``s = h_in + delta(h_in)``, then blend per env.
 
@@ -55,8 +61,9 @@ def apply_slot(
     ``h + alpha * (s - h)``.
 
     Without ``plan`` every blueprint runs for every env, masked by the env's one-hot (static
-    shapes: one compiled graph whatever the stages). With ``plan`` (blueprint name -> indices
-    of the envs whose seed computes, eager only) each blueprint runs just for its envs.
+    shapes, but every blueprint for every env). With ``plan`` (blueprint name -> the group of
+    envs whose seed computes) each blueprint runs just for its envs; compiled, the group sizes
+    are symbolic, so one graph serves every plan.
     """
     n = arch.n_envs
     hv = layers.env_view(h, n)
@@ -72,8 +79,8 @@ def apply_slot(
             weight = layers.per_env(ctrl["onehot"][:, b], 5, 1)
             sv = sv + weight * layers.env_view(bp.delta(seeds[bp.name], h_in, n), n)
         elif bp.name in plan:
-            envs = plan[bp.name]
-            sv = sv.index_add(1, envs, _grouped_delta(bp, seeds[bp.name], hv_in, envs))
+            group = plan[bp.name]
+            sv = sv.index_add(1, group[0], _grouped_delta(bp, seeds[bp.name], hv_in, group))
     out = esper_kernels.blend(hv, sv, ctrl["alpha"], env_dim=1)
     st_seed = sv * layers.per_env(ctrl["isolated"], 5, 1)
     out = esper_kernels.straight_through(out, st_seed)

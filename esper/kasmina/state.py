@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from tensordict import TensorDict
 
@@ -12,13 +14,18 @@ from esper.kasmina.slots import new_slot_state
 from esper.leyline import CANONICAL_SLOTS
 
 
-def init_seeds(arch: Architecture, keys: torch.Tensor, slot: str, germination: torch.Tensor) -> TensorDict:
-    """Fresh parameters of every blueprint for one slot, keyed by env and germination count."""
+def init_seeds(
+    arch: Architecture, keys: torch.Tensor, slot: str, germination: torch.Tensor,
+    only: Collection[int] | None = None,
+) -> TensorDict:
+    """Fresh parameters of every blueprint (or the indices in ``only``) for one slot, keyed by
+    env and germination count: a blueprint's values do not depend on which others are made."""
     c = arch.spec.slot_channels(slot)
     slot_keys = rng.stream_key(keys, 500 + CANONICAL_SLOTS.index(slot), germination)
     out = {}
     for b, bp in enumerate(arch.blueprints):
-        out[bp.name] = TensorDict(bp.init(rng.stream_key(slot_keys, b), c), batch_size=[keys.shape[0]])
+        if only is None or b in only:
+            out[bp.name] = TensorDict(bp.init(rng.stream_key(slot_keys, b), c), batch_size=[keys.shape[0]])
     return TensorDict(out, batch_size=[keys.shape[0]])
 
 

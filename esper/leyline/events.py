@@ -17,6 +17,7 @@ class EventKind(StrEnum):
     NARRATIVE = "narrative"
     ANALYTICS = "analytics"
     RUN = "run"
+    HINDSIGHT = "hindsight"
 
 
 @dataclass(slots=True)

@@ -32,6 +32,7 @@ SIGNAL_KEYS: dict[str, tuple[str, torch.dtype]] = {
     "epochs_in_stage": ("slot", torch.long),
     "seed_age": ("slot", torch.long),
     "gate_pass": ("gate", torch.bool),
+    "gate_reason": ("gate", torch.long),
 }
 
 # Held-out scores, present in an epoch's signals only when an episode ends there.

@@ -126,10 +126,13 @@ def transition_table(device: torch.device | str | None = None) -> torch.Tensor:
 
 
 def stage_mask(stages: frozenset[SeedStage], device: torch.device | str | None = None) -> torch.Tensor:
-    """``[NUM_STAGES]`` bool lookup: ``mask[stage]`` is True for members of ``stages``."""
-    mask = torch.zeros(NUM_STAGES, dtype=torch.bool)
-    mask[[int(s) for s in stages]] = True
-    return mask.to(device) if device is not None else mask
+    """``[NUM_STAGES]`` bool lookup: ``mask[stage]`` is True for members of ``stages``.
+
+    Made on ``device`` in one host-to-device copy: a constant for its callers to keep (as a
+    buffer or per-device cache), never to rebuild in a per-epoch path.
+    """
+    members = {int(s) for s in stages}
+    return torch.tensor([i in members for i in range(NUM_STAGES)], dtype=torch.bool, device=device)
 
 
 def valid_transitions_mask(

@@ -17,7 +17,7 @@ from esper.leyline.events import AnomalyEvent, EventKind, TelemetryEvent
 from esper.nissa.anomaly import PPO_SCOPE
 from esper.nissa.hub import Backend
 
-BACKEND_NAMES: tuple[str, ...] = ("console", "jsonl", "tensorboard")
+BACKEND_NAMES: tuple[str, ...] = ("console", "jsonl", "tensorboard", "prometheus")
 
 
 def to_jsonable(value: Any) -> Any:
@@ -65,6 +65,8 @@ class ConsoleBackend:
     envs), lifecycle changes, PPO updates; 2: + one line per env per epoch, decisions,
     narratives; 3: + everything else (analytics tables, info anomalies).
     """
+
+    name = "console"
 
     def __init__(self, verbosity: int = 1, console: Console | None = None) -> None:
         if not 0 <= verbosity <= 3:
@@ -138,6 +140,8 @@ class ConsoleBackend:
 class JsonlBackend:
     """One JSON object per line; rotates ``path`` -> ``path.1`` ... ``path.<backups>`` at ``max_bytes``."""
 
+    name = "jsonl"
+
     def __init__(self, path: str | Path, max_bytes: int = 50 * 2**20, backups: int = 3) -> None:
         if max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
@@ -193,6 +197,8 @@ class TensorBoardBackend:
     entries as scalars under ``<kind>/<key>``; anomalies as text.
     """
 
+    name = "tensorboard"
+
     def __init__(self, logdir: str | Path, max_env_scalars: int = 8) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -210,7 +216,7 @@ class TensorBoardBackend:
             self.writer.add_text("anomaly", json.dumps(to_jsonable(event.to_dict())), step)
             return
         prefix = "" if event.kind is EventKind.EPOCH else f"{event.kind.value}/"
-        for key, value in event.payload.items():
+        for key, value in _flat_items(event.payload):
             arr = np.asarray(value)
             if arr.dtype.kind not in "biuf" or arr.size == 0:
                 continue
@@ -234,6 +240,18 @@ class TensorBoardBackend:
         self.writer.close()
 
 
+def _flat_items(payload: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """``{"entropy": {"op": 0.2}}`` -> ``[("entropy/op", 0.2)]``: nested dicts (per-head
+    entropy, reward components) become one scalar tag per leaf instead of being dropped."""
+    out: list[tuple[str, object]] = []
+    for key, value in payload.items():
+        if isinstance(value, dict):
+            out += _flat_items(value, f"{prefix}{key}/")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 def make_backends(
     names: list[str] | str,
     *,
@@ -241,10 +259,12 @@ def make_backends(
     verbosity: int = 1,
     jsonl_max_bytes: int = 50 * 2**20,
     jsonl_backups: int = 3,
+    prometheus_port: int = 9464,
 ) -> list[Backend]:
     """Backends from CLI names (a list or ``"console,jsonl,tensorboard"``).
 
-    JSONL goes to ``<run_dir>/telemetry.jsonl``, TensorBoard to ``<run_dir>/tensorboard``.
+    JSONL goes to ``<run_dir>/telemetry.jsonl``, TensorBoard to ``<run_dir>/tensorboard``;
+    Prometheus serves ``http://127.0.0.1:<prometheus_port>/metrics`` while the run lasts.
     """
     if isinstance(names, str):
         names = [n for n in names.split(",")]
@@ -261,6 +281,10 @@ def make_backends(
             out.append(ConsoleBackend(verbosity=verbosity))
         elif name == "jsonl":
             out.append(JsonlBackend(run / "telemetry.jsonl", jsonl_max_bytes, jsonl_backups))
+        elif name == "prometheus":
+            from esper.nissa.prometheus import PrometheusBackend
+
+            out.append(PrometheusBackend(prometheus_port))
         else:
             out.append(TensorBoardBackend(run / "tensorboard"))
     return out

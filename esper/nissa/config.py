@@ -104,6 +104,7 @@ class TelemetryConfig(_Strict):
     track_activation_stats: bool = False
     escalate_to: str | None = None
     escalation_epochs: int = Field(3, ge=1, le=1000)
+    hindsight_epochs: int = Field(5, ge=1, le=1000, description="epochs after a decision its hindsight is judged")
 
     @field_validator("escalate_to")
     @classmethod

@@ -155,6 +155,18 @@ def loss_sharpness(
     )
 
 
+_QUANTILES: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+
+
+def _quantiles(percentiles: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``percentiles / 100`` on ``device``, made once per (profile, device): trackers are made
+    every epoch, and a fresh tensor each time would be a host-to-device copy per epoch."""
+    key = (percentiles, device)
+    if key not in _QUANTILES:
+        _QUANTILES[key] = torch.tensor([q / 100.0 for q in percentiles], dtype=torch.float32, device=device)
+    return _QUANTILES[key]
+
+
 class DiagnosticTracker:
     """Builds the per-epoch telemetry TensorDict (batch [N]) with exactly what a profile enables.
 
@@ -219,7 +231,7 @@ class DiagnosticTracker:
             keep += ["frac_exploding", "max_abs"]
         out = stats.select(*keep)
         if g.percentiles:
-            qs = [q / 100.0 for q in g.percentiles]
+            qs = _quantiles(tuple(g.percentiles), selected[0].device)
             out["percentiles"] = esper_kernels.grad_percentiles(selected, qs)
         if g.full_histogram:
             out["histogram"] = esper_kernels.grad_histogram(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import queue
 import threading
@@ -28,15 +29,30 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def backend_name(backend: object) -> str:
+    return str(getattr(backend, "name", type(backend).__name__))
+
+
 class _Slot:
-    __slots__ = ("backend", "consecutive_failures", "disabled", "failures", "logged")
+    """A backend and its health: failure streaks per method (a buffered writer's emits succeed
+    while its flushes fail, so one method's success must not excuse another's failures) and the
+    events it lost: not written, written but never flushed, or sent after it was disabled."""
+
+    __slots__ = ("backend", "disabled", "error", "failures", "logged", "lost", "streak", "unflushed")
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.failures = 0
-        self.consecutive_failures = 0
+        self.streak: dict[str, int] = {}
         self.disabled = False
         self.logged = False
+        self.lost = 0
+        self.unflushed = 0  # emitted since the last successful flush
+        self.error = ""
+
+    @property
+    def consecutive_failures(self) -> int:
+        return max(self.streak.values(), default=0)
 
 
 class NissaHub:
@@ -44,7 +60,9 @@ class NissaHub:
 
     ``emit`` never blocks: events go to a bounded queue and are dropped (and counted) if it is
     full. A backend that raises is logged once with its traceback and disabled after
-    ``max_failures`` consecutive failures; the others are unaffected. The hub is flushed and
+    ``max_failures`` consecutive failures of one method (a buffered writer on a full disk whose
+    emits succeed while every flush fails is disabled too); the others are unaffected. Events
+    each backend lost are counted (:meth:`loss_report`, printed at the end of every run). The hub is flushed and
     closed at interpreter exit, on ``close()`` and when leaving its ``with`` block (also on
     Ctrl-C).
     """
@@ -63,6 +81,7 @@ class NissaHub:
         self.synchronous = synchronous
         self.max_failures = max_failures
         self.dropped = 0
+        self.emitted = 0  # events handed to the hub while open
         self.closed = False
         self._lock = threading.Lock()
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
@@ -90,6 +109,7 @@ class NissaHub:
         """Queue an event (or dispatch it inline in synchronous mode). Never raises."""
         if self.closed:
             return
+        self.emitted += 1
         if self.synchronous:
             self._dispatch(event)
             return
@@ -99,6 +119,22 @@ class NissaHub:
             self.dropped += 1
             if self.dropped == 1:
                 logger.warning("NissaHub queue full; dropping telemetry events")
+
+    def losses(self) -> dict[str, int]:
+        """Events lost per backend (by name), the hub's own queue drops included."""
+        return {backend_name(s.backend): s.lost + self.dropped for s in self._slots}
+
+    def loss_report(self) -> list[str]:
+        """One line per backend that lost events (none when nothing was lost): what the end
+        of a run prints, so lost telemetry is never silent."""
+        lines = []
+        for s in self._slots:
+            lost = s.lost + self.dropped
+            if lost:
+                state = f"disabled after repeated failures ({s.error})" if s.disabled else (s.error or "queue full")
+                lines.append(f"telemetry lost: {backend_name(s.backend)} dropped {lost} of {self.emitted} events; "
+                             f"{state}")
+        return lines
 
     def emit_many(self, events: Iterable[TelemetryEvent]) -> None:
         for event in events:
@@ -154,23 +190,41 @@ class NissaHub:
 
     def _call(self, slot: _Slot, method: str, *args: object) -> None:
         fn = getattr(slot.backend, method, None)
-        if slot.disabled or fn is None:
+        if slot.disabled:
+            slot.lost += method == "emit"
+            if method == "close" and fn is not None:  # release its files; it lost what it had
+                with contextlib.suppress(Exception):
+                    fn()
+            return
+        if fn is None:
             return
         try:
             fn(*args)
-        except Exception:
+        except Exception as err:
             slot.failures += 1
-            slot.consecutive_failures += 1
-            name = type(slot.backend).__name__
+            slot.streak[method] = slot.streak.get(method, 0) + 1
+            slot.error = f"{type(err).__name__}: {err}"
+            if method == "emit":
+                slot.lost += 1
+            elif method == "flush":  # what it buffered since its last good flush is gone
+                slot.lost += slot.unflushed
+                slot.unflushed = 0
+            name = backend_name(slot.backend)
             if not slot.logged:
                 slot.logged = True
                 logger.exception("telemetry backend %s failed in %s()", name, method)
-            if slot.consecutive_failures >= self.max_failures:
+            if slot.streak[method] >= self.max_failures:
                 slot.disabled = True
+                slot.lost += slot.unflushed
+                slot.unflushed = 0
                 logger.error(
                     "telemetry backend %s disabled after %d consecutive failures",
                     name,
-                    slot.consecutive_failures,
+                    slot.streak[method],
                 )
         else:
-            slot.consecutive_failures = 0
+            slot.streak[method] = 0
+            if method == "emit":
+                slot.unflushed += 1
+            elif method == "flush":
+                slot.unflushed = 0

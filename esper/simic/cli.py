@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+from esper.leyline.events import EventKind, TelemetryEvent
 from esper.nissa import (
     NissaHub,
     TelemetryConfig,
@@ -16,6 +19,7 @@ from esper.nissa import (
 )
 from esper.nissa.profiling import trace_run
 from esper.simic.config import TrainingConfig, merge_config
+from esper.simic.faults import wrap_backends
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -28,13 +32,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="base seed of the hosts")
     p.add_argument("--task-seed", type=int,
                    help="seed of the synthetic task's data (train/val/test images); tune on one, report on others")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", help="auto (the default: CUDA when available, else the CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--telemetry", help="telemetry profile name (minimal..research)")
     p.add_argument("--telemetry-file", type=Path, help="telemetry profile YAML file")
     p.add_argument("--telemetry-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile field (repeatable)")
-    p.add_argument("--backends", help="comma-separated: console,jsonl,tensorboard; none for no output")
+    p.add_argument("--backends", help="comma-separated: console,jsonl,tensorboard,prometheus; none for no output")
     p.add_argument("--run-dir", help="where jsonl/tensorboard output goes")
     p.add_argument("--trace", type=Path, metavar="DIR",
                    help="write a torch profiler trace of the run (phases: train, validate, "
@@ -93,8 +97,24 @@ def telemetry_profile(cfg: TrainingConfig) -> TelemetryConfig:
 
 
 def make_hub(cfg: TrainingConfig) -> NissaHub:
-    backends = make_backends(cfg.telemetry.backends, run_dir=cfg.run_dir, verbosity=cfg.telemetry.verbosity)
-    return NissaHub(backends)
+    backends = make_backends(cfg.telemetry.backends, run_dir=cfg.run_dir, verbosity=cfg.telemetry.verbosity,
+                             prometheus_port=cfg.telemetry.prometheus_port)
+    return NissaHub(wrap_backends(backends, cfg.faults))
+
+
+@contextlib.contextmanager
+def run_hub(cfg: TrainingConfig) -> Iterator[NissaHub]:
+    """The run's hub; closed on the way out (signals and errors included), then every event a
+    backend lost is reported on stderr: telemetry is never lost silently."""
+    hub = make_hub(cfg)
+    try:
+        with hub:
+            # The run's configuration opens its telemetry (esper.report shows it).
+            hub.emit(TelemetryEvent(kind=EventKind.RUN, payload={"config": cfg.model_dump(mode="json")}))
+            yield hub
+    finally:
+        for line in hub.loss_report():
+            print(line, file=sys.stderr)
 
 
 def maybe_trace(directory: Path | None, name: str) -> contextlib.AbstractContextManager[object]:

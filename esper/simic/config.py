@@ -159,6 +159,36 @@ class TelemetrySection(_Strict):
     overrides: list[str] = Field(default_factory=list)
     profile_file: str | None = None
     verbosity: int = Field(0, ge=0, le=3)
+    prometheus_port: int = Field(9464, ge=0, le=65535,
+                                 description="local port of the prometheus backend's /metrics (0: any free one)")
+
+
+class FaultsConfig(_Strict):
+    """Fault drills: failures injected on purpose, where they would really happen, to rehearse
+    that a run survives them (and to test that it does). Off by default; an empty section costs
+    nothing. See :mod:`esper.simic.faults`."""
+
+    at_epoch: int = Field(1, ge=1, description="episode epoch (1 = the first) at which the loss faults hit, "
+                                               "in every episode")
+    nan_loss_envs: list[int] = Field(default_factory=list,
+                                     description="envs whose host weights turn NaN before that epoch trains (a NaN loss)")
+    explode_loss_envs: list[int] = Field(default_factory=list,
+                                         description="envs whose host weights are scaled by explode_scale before "
+                                                     "that epoch trains (a huge, finite loss)")
+    explode_scale: float = Field(1e6, gt=1.0)
+    failing_backend: Literal["console", "jsonl", "tensorboard"] | None = Field(
+        None, description="telemetry backend on a disk that fills up: writes are buffered and succeed, "
+                          "every flush fails and loses them")
+    backend_fails_after: int = Field(0, ge=0, description="flushes of that backend that succeed first")
+    checkpoint_fail_rounds: list[int] = Field(default_factory=list,
+                                              description="PPO rounds whose checkpoint write fails half-way (disk full)")
+    policy_nan_at_round: int | None = Field(None, ge=1,
+                                            description="PPO round whose update leaves a NaN in the policy's weights")
+
+    @property
+    def ppo_training(self) -> list[str]:
+        """The drills set here that only a PPO training run can play."""
+        return [k for k in ("checkpoint_fail_rounds", "policy_nan_at_round") if getattr(self, k)]
 
 
 class TrainingConfig(_Strict):
@@ -173,8 +203,10 @@ class TrainingConfig(_Strict):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig,
+                                 description="fault drills (rehearsal only): failures injected on purpose")
     history_length: int = Field(4, ge=1, description="observation history (epochs)")
-    device: str = "cpu"
+    device: str = Field("auto", description="auto (CUDA when available, else the CPU), cpu, cuda, cuda:N")
     compile: bool = False
     run_dir: str = "runs/latest"
 

@@ -21,6 +21,7 @@ from torchrl.data import Binary, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from esper import rng
+from esper.device import resolve_device
 from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
 from esper.kasmina.step import StepHyper
 from esper.leyline import (
@@ -35,6 +36,7 @@ from esper.leyline import (
 )
 from esper.nissa import NissaHub, TelemetryConfig, load_profile
 from esper.simic.config import TrainingConfig
+from esper.simic.faults import LossFaults
 from esper.simic.pipeline import EpochPipeline, reason_or_unknown
 from esper.simic.rewards import RewardComponents, ShapedReward
 from esper.tamiyo.features import FeatureBuilder, new_tracker
@@ -65,7 +67,7 @@ def kasmina_config(cfg: TrainingConfig) -> KasminaConfig:
 
 
 def load_config_task(cfg: TrainingConfig, device: torch.device | str | None = None) -> TaskData:
-    return load_task(cfg.task.name, device=device or cfg.device, **cfg.task.loader_kwargs())
+    return load_task(cfg.task.name, device=resolve_device(device or cfg.device), **cfg.task.loader_kwargs())
 
 
 def _rows(mask: torch.Tensor, new: TensorDictBase, old: TensorDictBase) -> TensorDictBase:
@@ -94,6 +96,7 @@ class MorphogeneticEnv(EnvBase):
         super().__init__(device=task.device, batch_size=torch.Size([n]))
         self.cfg = cfg
         self.n = n
+        self.env_offset = env_offset  # env i here is env env_offset + i of the run
         self.episode_length = cfg.episode.length
         self.kasmina = MorphogeneticBatch(task, n, kasmina_config(cfg), base_seed=seed, env_offset=env_offset)
         mb = self.kasmina
@@ -111,6 +114,7 @@ class MorphogeneticEnv(EnvBase):
         self.signals = self._blank_signals()
         self._make_specs()
         self.pipeline = EpochPipeline(self, profile=profile, hub=hub)
+        self.faults = LossFaults.build(cfg.faults, n, self.device)  # a drill's poisoned envs, or None
 
     # ------------------------------------------------------------------------- specs
     def _signal_shape(self, kind: str) -> tuple[int, ...]:
@@ -229,7 +233,10 @@ class MorphogeneticEnv(EnvBase):
         actions = TensorDict(
             {k: tensordict.get(k).reshape(self.n).long() for k in ACTION_KEYS}, batch_size=[self.n]
         )
+        decided = self._decided(tensordict) if self.pipeline.hub is not None else None
         capture, test = self.pipeline.begin()
+        if self.faults is not None:  # fault drill: a diverged step's weights, for the governor to catch
+            self.faults.before_epoch(self.pipeline.host_epoch, self.kasmina.state["host"])
         raw = self.kasmina.run_epoch(actions, capture=capture | self.observed.captures, test=test)
         self.signals = raw.select(*SIGNAL_KEYS).to(self.device)
         extra = None
@@ -244,7 +251,26 @@ class MorphogeneticEnv(EnvBase):
         out.set("truncated", truncated.unsqueeze(-1))
         out.set("done", truncated.unsqueeze(-1).clone())
         actions.set("reason", reason_or_unknown(tensordict, self.n, self.device))
-        self.pipeline.end(actions, raw, out)
+        self.pipeline.end(actions, raw, out, decided)
+        return out
+
+    def _decided(self, tensordict: TensorDictBase) -> TensorDict:
+        """What the controller decided from (for the decisions' context in telemetry): stages,
+        gate reasons, validation accuracy and legal ops; a learned policy's op probabilities
+        (masked softmax of its logits) and value estimate when it wrote them."""
+        sig = self.signals
+        mask = tensordict.get("op_mask", None)
+        if mask is None:
+            mask = action_masks(sig["stage"], sig["gate_pass"], len(self.blueprint_names))["op_mask"]
+        out = TensorDict({"stage": sig["stage"], "gate_reason": sig["gate_reason"], "val_acc": sig["val_acc"],
+                          "op_mask": mask.reshape(self.n, NUM_OPS)}, batch_size=[self.n])
+        logits = tensordict.get(("params", "op", "logits"), None)
+        if logits is not None:
+            masked = logits.reshape(self.n, NUM_OPS).masked_fill(~out["op_mask"], float("-inf"))
+            out.set("op_probs", torch.softmax(masked, dim=-1))
+        value = tensordict.get("state_value", None)
+        if value is not None:
+            out.set("value", value.reshape(self.n).float())
         return out
 
     # ------------------------------------------------------------------------- host-known done

@@ -12,14 +12,14 @@ the episode summary carries the flag, and its accuracy is not reported as a vali
 Its observation rows for that epoch are zeroed (the policy never sees a NaN) and its reward
 is zeroed (nothing learned from it).
 
-A diverging *policy* (non-finite parameters, collapsed entropy, explained variance far below
-zero) is judged once per PPO round by :func:`policy_divergence`.
+A diverging *policy* (non-finite parameters, or collapsed entropy with explained variance far
+below zero) is judged once per PPO round by :func:`policy_divergence`; the trainer then rolls
+it back to the previous round's policy and optimizer state.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from esper.leyline import EventKind
 from esper.leyline.events import AnomalyEvent
+from esper.nissa.materialize import materialize
 from esper.tamiyo.masks import MASK_KEYS, action_masks
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class Governor:
             for k, v in live.items():
                 self.good[k].update_(v)
             return []
+        nonfinite = self.nonfinite_params(sick)  # debug telemetry, before the restore
         mask = torch.as_tensor(sick, device=self.env.device)
         for k, v in live.items():  # healthy rows become the new copy; sick rows are restored
             _where_rows(~mask, v, self.good[k])
@@ -133,27 +135,51 @@ class Governor:
         self.governed |= sick
         self.rollbacks += sick
         events = []
+        offset = getattr(self.env, "env_offset", 0)  # events name the run's env index (sharded runs)
         for i in np.flatnonzero(sick):
+            named = ", ".join(f"{k} ({c})" for k, c in nonfinite[i].items()) or "none"
             events.append(AnomalyEvent(
-                kind=EventKind.ANOMALY, env=int(i), epoch=epoch, detector=DETECTOR, severity="severe",
-                message=f"env {i} diverged at epoch {epoch} ({why[i]}): rolled back to its last healthy "
-                        f"state; this episode is governed (its accuracy is not a valid result)",
-                payload={"cause": why[i], "action": "rollback", "rollbacks": int(self.rollbacks[i])},
+                kind=EventKind.ANOMALY, env=int(i) + offset, epoch=epoch, detector=DETECTOR, severity="severe",
+                message=f"env {int(i) + offset} diverged at epoch {epoch} ({why[i]}): rolled back to its last healthy "
+                        f"state; this episode is governed (its accuracy is not a valid result); "
+                        f"non-finite parameters: {named}",
+                payload={"cause": why[i], "action": "rollback", "rollbacks": int(self.rollbacks[i]),
+                         "nonfinite_params": nonfinite[i]},
             ))
         return events
 
+    @torch.no_grad()
+    def nonfinite_params(self, sick: np.ndarray) -> dict[int, dict[str, int]]:
+        """Per sick env, the host and seed parameters holding non-finite values (and how many).
 
-def policy_divergence(stats: Any, params: Iterable[torch.Tensor], min_entropy: float = 1e-4,
+        Debug telemetry: runs only in an epoch with a sick env, as one extra transfer."""
+        names, counts = [], []
+        for part in ("host", "seeds"):
+            for key, v in self.env.kasmina.state[part].items(include_nested=True, leaves_only=True):
+                if v.is_floating_point():
+                    names.append(".".join((part, *(key if isinstance(key, tuple) else (key,)))))
+                    counts.append((~torch.isfinite(v)).reshape(v.shape[0], -1).sum(1))
+        host = materialize(TensorDict({"nonfinite": torch.stack(counts, dim=1)}, batch_size=[]))["nonfinite"]
+        return {int(i): {names[j]: int(host[i, j]) for j in np.flatnonzero(host[i] > 0)} for i in np.flatnonzero(sick)}
+
+
+def policy_divergence(stats: Any, nonfinite_params: float, min_entropy: float = 1e-3,
                       min_explained_variance: float = -10.0) -> str | None:
-    """Why the PPO policy diverged this round (None when it did not): non-finite parameters,
-    the op head's entropy collapsed to 0, or explained variance below ``min_explained_variance``."""
-    params = list(params)
-    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        return "non-finite policy parameters"
+    """Why this round's PPO update diverged (None when it did not), from host numbers only.
+
+    The rule: the update left ``nonfinite_params`` > 0 non-finite policy weights, or its op-head
+    entropy or explained variance is itself non-finite (a NaN loss), or the policy *collapsed*:
+    op entropy below ``min_entropy`` (it always picks one op) **and** explained variance below
+    ``min_explained_variance`` (the critic predicts far worse than a constant). Either sign
+    alone can be a converged policy or a critic catching up; both together is the signature of
+    a broken update (issue 15's run: entropy 0, explained variance -1011).
+    """
+    if nonfinite_params > 0:
+        return f"{int(nonfinite_params)} non-finite policy parameters"
     op_entropy = float(stats.entropy.get("op", float("nan")))
-    if not math.isfinite(op_entropy) or op_entropy < min_entropy:
-        return f"op entropy collapsed to {op_entropy:.3g}"
     ev = float(stats.explained_variance)
-    if not math.isfinite(ev) or ev < min_explained_variance:
-        return f"explained variance {ev:.3g} below {min_explained_variance:g}"
+    if not math.isfinite(op_entropy) or not math.isfinite(ev):
+        return f"non-finite update (op entropy {op_entropy:.3g}, explained variance {ev:.3g})"
+    if op_entropy < min_entropy and ev < min_explained_variance:
+        return f"collapsed: op entropy {op_entropy:.3g} with explained variance {ev:.3g}"
     return None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -36,15 +36,29 @@ from esper.leyline import (
     TelemetryEvent,
 )
 from esper.nissa import NissaHub, TelemetryConfig, epoch_event, load_profile, materialize
+from esper.nissa.decisions import Hindsight, decision_context
+from esper.nissa.narratives import reason_text
 from esper.nissa.profiling import phase
 from esper.simic.governor import Governor
 from esper.simic.telemetry import EpochTelemetry
 
 if TYPE_CHECKING:
+    from esper.leyline.events import AnomalyEvent
     from esper.simic.env import MorphogeneticEnv
 
 S = SeedStage
 EpochCallback = Callable[[int, dict[str, np.ndarray]], None]
+
+
+class SnapshotView(Protocol):
+    """The run's view of an epoch when its envs are sharded over ranks
+    (:class:`esper.simic.sharding.GlobalSnapshots`): ``envs`` in all, and the gather of every
+    rank's snapshot, rollback events and governed flags, in env order."""
+
+    envs: int
+
+    def __call__(self, snap: dict[str, np.ndarray], rollbacks: list[AnomalyEvent],
+                 governed: np.ndarray) -> tuple[dict[str, np.ndarray], list[AnomalyEvent], np.ndarray]: ...
 
 
 @dataclass(slots=True)
@@ -113,25 +127,34 @@ class EpochPipeline:
         self.reasons: tuple[str, ...] = REASONS
         self.callbacks: list[EpochCallback] = []
         self.governor = Governor(env)  # judges every epoch's snapshot; rolls diverging envs back
+        self.view: SnapshotView | None = None  # sharded run: the host half sees every rank's envs
         self.configure(profile=profile, hub=hub)
+
+    def shard(self, view: SnapshotView) -> None:
+        """Record and report the whole run's envs (gathered by ``view``) from now on."""
+        self.view = view
+        self.configure(profile=self.profile, hub=self.hub)
 
     def configure(self, profile: TelemetryConfig | None = None, hub: NissaHub | None = None) -> None:
         """(Re)start the pipeline's telemetry with ``profile`` (minimal if None) into ``hub``."""
         n, s = self.env.n, len(self.env.slots)
+        run_n = self.view.envs if self.view is not None else n  # envs the host bookkeeping covers
         self.hub = hub
         self.profile = profile if profile is not None else load_profile("minimal")
-        self.telemetry = EpochTelemetry(self.profile, self.env.kasmina)
-        self.track = _Track(n)
+        self.telemetry = EpochTelemetry(self.profile, self.env.kasmina, envs=run_n)
+        self.hindsight = Hindsight(run_n, self.profile.hindsight_epochs, self.env.slots)
+        self.track = _Track(run_n)
         self.summaries: list[EpisodeSummary] = []
         self.epochs = 0  # epochs run by this pipeline (all envs step together)
         self.transfers = 0  # device-to-host transfers it made (materialize calls)
         self.host_epoch = np.zeros(n, dtype=np.int64)  # >= each env's true epoch, no sync needed
         self.host_done = np.zeros(n, dtype=bool)  # done flags of the last snapshot
         self._reset_mask = np.ones(n, dtype=bool)  # envs of the last reset (host side)
-        self.episode = np.zeros(n, dtype=np.int64)  # episode index per env, from the snapshot
-        self.completed = np.zeros(n, dtype=np.int64)  # finished episodes per env
+        self.episode = np.zeros(run_n, dtype=np.int64)  # episode index per env, from the snapshot
+        self.completed = np.zeros(run_n, dtype=np.int64)  # finished episodes per env
         self.last: dict[str, np.ndarray] = {}
-        self._prev_contribution = np.zeros((n, s))
+        self._governed = np.zeros(run_n, dtype=bool)
+        self._prev_contribution = np.zeros((run_n, s))
 
     def _emit(self, event: TelemetryEvent) -> None:
         if self.hub is not None:
@@ -156,8 +179,11 @@ class EpochPipeline:
         :meth:`on_reset` on the host) is their last healthy one, for the governor."""
         self.governor.after_reset(mask, self._reset_mask)
 
-    def end(self, actions: TensorDictBase, raw: TensorDictBase, out: TensorDictBase) -> dict[str, np.ndarray]:
-        """Materialize the epoch (one transfer), then telemetry and the next epoch's plan."""
+    def end(self, actions: TensorDictBase, raw: TensorDictBase, out: TensorDictBase,
+            decided: TensorDictBase | None = None) -> dict[str, np.ndarray]:
+        """Materialize the epoch (one transfer), then telemetry and the next epoch's plan.
+        ``decided``: what the controller decided from (``MorphogeneticEnv._decided``), for the
+        decisions' context; it rides in the same transfer."""
         n, kas = self.env.n, self.env.kasmina
         with phase("telemetry"):
             packet = TensorDict(
@@ -175,15 +201,22 @@ class EpochPipeline:
             )
             if SCORE_KEYS[0] in raw:
                 packet.set("score", raw.select(*SCORE_KEYS))
+            if decided is not None:
+                packet.set("decided", decided)
             snap = materialize(packet)  # the one device-to-host transfer of this epoch
             rollbacks = self.governor.judge(snap, out, int(snap["signals.epoch"].max()))
         self.transfers += 1
         self.epochs += 1
-        self.last = snap
         self.host_epoch = snap["signals.epoch"].astype(np.int64)
         self.host_done = snap["done"].astype(bool)
-        # Group-by-blueprint for the next epoch from this snapshot (eager engines only).
+        # This epoch's germinations get fresh seeds (named by the snapshot: no mask crosses
+        # to the host, no index list to the device), then group-by-blueprint for the next.
+        kas.reinit_germinated(snap["signals.germinated"], snap["signals.blueprint"])
         kas.set_plan(snap["signals.stage"], snap["signals.blueprint"], snap["signals.germinated"])
+        self._governed = self.governor.governed
+        if self.view is not None:  # sharded: from here on, every rank's envs (one collective)
+            snap, rollbacks, self._governed = self.view(snap, rollbacks, self._governed)
+        self.last = snap
         with phase("telemetry"):
             for event in rollbacks:
                 self._emit(event)
@@ -197,8 +230,8 @@ class EpochPipeline:
 
     # ------------------------------------------------------------------------- host side
     def _record(self, snap: dict[str, np.ndarray]) -> None:
-        env, track = self.env, self.track
-        n = env.n
+        track = self.track
+        n = len(track.reward)  # envs recorded: the whole run's when sharded
         fresh = snap["episode"].astype(np.int64) != self.episode
         if fresh.any():  # envs on a new host: bookkeeping and anomaly baselines start over
             for i in np.flatnonzero(fresh):
@@ -206,7 +239,7 @@ class EpochPipeline:
             self.telemetry.episode_restarted(fresh)
             self.episode = snap["episode"].astype(np.int64)
         epoch = snap["signals.epoch"]
-        self._emit(epoch_event(snap, int(epoch.max())))
+        self._emit(epoch_event({k: v for k, v in snap.items() if not k.startswith("decided.")}, int(epoch.max())))
         stage = snap["signals.stage"]
         free_slots = (stage == S.DORMANT).sum(axis=1)
         for event in self.telemetry.epoch_events(self.telemetry.host_view(snap), int(epoch.max()), free_slots):
@@ -221,6 +254,8 @@ class EpochPipeline:
         track.best = np.maximum(track.best, val_acc)
         for i in range(n):  # host-side bookkeeping on the materialized snapshot
             self._record_env(snap, i)
+        for event in self.hindsight.check(snap, self.episode):
+            self._emit(event)
         # The latest measured contribution per slot: what a fossilize or cull decided on.
         measured = snap["signals.alpha"] > 0
         self._prev_contribution = np.where(
@@ -239,9 +274,13 @@ class EpochPipeline:
         if self.hub is not None:
             why = self.reasons[reason] if 0 <= reason < len(self.reasons) else ""
             action = env.describe(op, slot, bp, int(snap["action.tempo"][i]))
+            decided = {k[len("decided."):]: v[i] for k, v in snap.items() if k.startswith("decided.")}
+            context = decision_context(op, reason_text(why) if why else "", decided, env.slots) if decided else {}
             decision = DecisionEvent(kind=EventKind.DECISION, env=i, epoch=e, action=action,
-                                     accepted=accepted, reason=why)
+                                     accepted=accepted, reason=why, payload={"context": context} if context else {})
             self._emit(decision)
+            if accepted and decided:
+                self.hindsight.record(i, int(self.episode[i]), e, op, slot, action, float(decided["val_acc"]))
             if op != Op.WAIT:
                 self._emit(self.telemetry.explain(decision, why))
         if op == Op.GERMINATE and accepted:
@@ -292,7 +331,7 @@ class EpochPipeline:
                 germinated=int(track.germinated[i]),
                 total_reward=float(track.reward[i]),
                 reward_components={k: float(v[i]) for k, v in track.components.items()},
-                governed=bool(self.governor.governed[i]),
+                governed=bool(self._governed[i]),
             )
             self.summaries.append(summary)
             self._emit(TelemetryEvent(kind=EventKind.EPISODE, env=i, epoch=e, payload=summary.to_dict()))

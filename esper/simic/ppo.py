@@ -17,6 +17,8 @@ torchrl's MAPPO uses), the whole-sequence minibatching and the round bookkeeping
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +31,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import InteractionType, set_interaction_type
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchrl.envs import Compose, InitTracker, TransformedEnv
 from torchrl.modules import set_recurrent_mode
 from torchrl.modules.value_norm import RunningValueNorm
@@ -36,8 +39,9 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
 from esper.leyline import NUM_OPS, EventKind, Op, TelemetryEvent
+from esper.leyline.events import AnomalyEvent
 from esper.nissa import AnomalyMonitor, NissaHub, TelemetryConfig, materialize
-from esper.nissa.anomaly import lstm_hidden_stats
+from esper.nissa.anomaly import PPO_SCOPE, lstm_hidden_stats
 from esper.simic.checkpoint import (
     CHECKPOINT_VERSION,
     CheckpointError,
@@ -47,9 +51,15 @@ from esper.simic.checkpoint import (
     save_checkpoint,
 )
 from esper.simic.config import TrainingConfig
+from esper.simic.distributed import Ranks
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.faults import checkpoint_saver, poison_policy
+from esper.simic.governor import policy_divergence
 from esper.simic.pipeline import EpisodeSummary
+from esper.simic.ppo_ranks import ShardedLearner
 from esper.simic.runner import collector_for
+from esper.simic.sampling import keyed_actor
+from esper.simic.sharding import run_env
 from esper.tamiyo.lstm_policy import (
     ACTOR_STATE,
     HEAD_KEYS,
@@ -127,6 +137,9 @@ class RoundStats:
     entropy: dict[str, float]
     explained_variance: float
     value_loss: float
+    value_variance: float  # of the critic's predictions over the round: ~0 is a value collapse
+    actor_grad_norm: float  # mean pre-clip gradient norms over the round's minibatches
+    critic_grad_norm: float
     lr: float
     entropy_scale: float
     passes: int
@@ -135,6 +148,7 @@ class RoundStats:
     update_s: float
     reward_components: dict[str, float] = field(default_factory=dict)
     anomalies: list[str] = field(default_factory=list)
+    rolled_back: str | None = None  # why this round's update was undone (policy_divergence)
 
     def line(self) -> str:
         ops = " ".join(f"{o.name[:4].lower()}={f:.2f}" for o, f in zip(Op, self.op_freq, strict=True))
@@ -144,9 +158,11 @@ class RoundStats:
             f"val {self.final_val_acc:5.2f}  fossil {self.fossilized:.2f}  params+ {self.params_added:.0f}  "
             f"ops[{ops}] ok={self.accepted:.2f}  kl {self.kl:.4f}  "
             f"clip {self.clip_fraction:.3f}  H[{ent}]  EV {self.explained_variance:+.2f}  "
+            f"Vvar {self.value_variance:.3f}  |g| actor {self.actor_grad_norm:.2f} critic {self.critic_grad_norm:.2f}  "
             f"lr {self.lr:.1e} Hx{self.entropy_scale:.2f} passes {self.passes}  "
             f"{self.env_epochs_per_s:.1f} env-epochs/s"
             + ("".join(f"\n    anomaly: {a}" for a in self.anomalies))
+            + (f"\n    rolled back: {self.rolled_back}" if self.rolled_back else "")
         )
 
 
@@ -175,20 +191,27 @@ class PPOTrainer:
 
     def __init__(
         self, cfg: TrainingConfig, env: MorphogeneticEnv | None = None, hub: NissaHub | None = None,
-        profile: TelemetryConfig | None = None,
+        profile: TelemetryConfig | None = None, ranks: Ranks | None = None,
     ) -> None:
         self.cfg = cfg
         self.hub = hub
         self.monitor = AnomalyMonitor()  # value collapse, ratio explosion, LSTM health, drift
         p = cfg.ppo
         torch.manual_seed(cfg.episode.seed)
-        self.base_env = env if env is not None else MorphogeneticEnv(cfg, profile=profile, hub=hub)
+        if env is None:  # under torchrun: this rank's block of envs, on its own device
+            env = run_env(cfg, ranks, profile=profile, hub=hub)
+        self.base_env = env
         self.device = self.base_env.device
+        self.ranks = ranks if ranks is not None else Ranks(device=self.device)
+        total = cfg.episode.envs if self.ranks.world > 1 else env.n
+        self.learner = ShardedLearner(self.ranks, env.env_offset, env.n, total)
         self.shape = policy_shape(cfg, self.base_env)
         self.value_norm = RunningValueNorm(shape=1, device=self.device)
         self.modules = TamiyoModules(self.shape, self.value_norm, wait_bias=WAIT_BIAS).to(self.device)
         self.env = RecurrentEnv(self.base_env, Compose(InitTracker(), self.modules.primer()))
-        self.collector = collector_for(self.env, self.modules.actor, episodes=-1)
+        # Actions drawn from per-env keyed noise: env i samples alike on any rank (simic.sampling).
+        self.collector = collector_for(self.env, keyed_actor(self.modules, env.kasmina, cfg.episode.seed),
+                                       episodes=-1)
         self._batches = iter(self.collector)
         self.gae = GAE(gamma=p.gamma, lmbda=p.gae_lambda, value_network=self.modules.critic,
                        shifted=True, deactivate_vmap=True)
@@ -200,10 +223,13 @@ class PPOTrainer:
             entropy_coeff={f"{h}_entropy": float(p.entropy_coef.get(h, 0.0)) for h in HEAD_KEYS},
             critic_coeff=p.value_coef,
             loss_critic_type="l2",
-            normalize_advantage=True,
+            normalize_advantage=False,  # per minibatch over all ranks' envs, in update (ppo_ranks)
             functional=False,
         )
         self.params = [q for q in self.modules.parameters() if q.requires_grad]
+        # RL health reports the actor's and the critic's gradient norms apart (one can explode alone).
+        self._actor_params = [q for q in self.modules.actor.parameters() if q.requires_grad]
+        self._critic_params = [q for q in self.modules.critic.parameters() if q.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=p.lr, eps=1e-5)
         self.shuffle = torch.Generator().manual_seed(cfg.episode.seed + 1)
         self.round = 0
@@ -211,8 +237,11 @@ class PPOTrainer:
         self.init_from: str | None = None  # the checkpoint this run started from (--init)
         self.lineage: list[dict[str, Any]] = []  # that checkpoint's own provenance / offline record
         self._loss_fn: Callable[[TensorDictBase], TensorDictBase] = self.loss
+        if self.ranks.world > 1:  # gradients averaged over ranks in backward; the buffers (value
+            # normalizer) are updated alike on every rank from gathered targets, not re-sent per forward
+            self._loss_fn = DistributedDataParallel(self.loss, forward_sync_buffers=False)
         if cfg.compile:
-            self._loss_fn = torch.compile(self.loss, dynamic=False)
+            self._loss_fn = torch.compile(self._loss_fn, dynamic=False)
 
     # ------------------------------------------------------------------------- data
     @torch.no_grad()
@@ -229,7 +258,8 @@ class PPOTrainer:
         """GAE over whole sequences (recurrent critic, shifted), then fold targets into the norm."""
         with set_recurrent_mode(True):
             self.gae(batch)
-        self.value_norm.update(batch.get("value_target"))
+        full = self.learner.gather(batch)  # every rank's envs (the batch itself with one rank)
+        self.value_norm.update(full.get("value_target"))
         return batch
 
     def schedule(self) -> dict[str, float]:
@@ -253,20 +283,29 @@ class PPOTrainer:
         sched = self.schedule()
         for group in self.optimizer.param_groups:
             group["lr"] = sched["lr"]
-        n = batch.batch_size[0]
+        n = self.learner.total  # minibatches by the run's env index, whichever rank holds them
         sums: dict[str, torch.Tensor] = {}
         count = 0
         passes = 0
         for _ in range(p.epochs):
-            order = torch.randperm(n, generator=self.shuffle).to(self.device)
+            order = torch.randperm(n, generator=self.shuffle)
             pass_kl = torch.zeros((), device=self.device)
-            for i, idx in enumerate(order.split(p.minibatch_envs)):
-                mb = batch[idx]  # [envs, T]: whole sequences, hidden state from their start
+            chunks = order.split(p.minibatch_envs)
+            for idx in chunks:
+                mine = self.learner.part(idx, self.loss._standardize_advantage)
+                mb = batch[mine.rows]  # [envs, T]: whole sequences, hidden state from their start
+                mb.set("advantage", mine.advantage)
                 with set_recurrent_mode(True):
                     out = self._loss_fn(mb)
                 total = out["loss_objective"] + out["loss_critic"] + sched["entropy_scale"] * out["loss_entropy"]
+                if mine.loss_weight is not None:  # this rank's share of the minibatch's mean loss
+                    total = total * mine.loss_weight
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
+                for part, params in (("actor_grad_norm", self._actor_params), ("critic_grad_norm", self._critic_params)):
+                    norm = torch.linalg.vector_norm(torch.stack([
+                        torch.linalg.vector_norm(q.grad) for q in params if q.grad is not None]))
+                    sums[part] = sums.get(part, 0.0) + norm.detach()
                 grad_norm = nn.utils.clip_grad_norm_(self.params, p.max_grad_norm)
                 self.optimizer.step()
                 sums["grad_norm_max"] = torch.maximum(sums.get("grad_norm_max", grad_norm), grad_norm)
@@ -276,12 +315,16 @@ class PPOTrainer:
                     **{h: out["composite_entropy", f"{h}_entropy"].mean() for h in HEAD_KEYS},
                 }
                 for k, v in logged.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float()
-                pass_kl = pass_kl + (out["kl_approx"].detach().float() - pass_kl) / (i + 1)
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() * mine.share
+                pass_kl = pass_kl + out["kl_approx"].detach().float() * mine.share
                 count += 1
             passes += 1
+            pass_kl = self.learner.sum(pass_kl, "PPO target-KL test") / len(chunks)  # the same on every rank
             if p.target_kl is not None and float(pass_kl) > p.target_kl:
                 break
+        shared = [k for k in sums if k not in ("grad_norm_max", "actor_grad_norm", "critic_grad_norm")]
+        if shared:  # rank-weighted means summed over ranks (gradient norms are already global)
+            sums |= dict(zip(shared, self.learner.sum(torch.stack([sums[k] for k in shared])), strict=True))
         means = {k: v / count if k != "grad_norm_max" else v for k, v in sums.items()}
         return {**means, "passes": passes, **sched}
 
@@ -296,6 +339,37 @@ class PPOTrainer:
         return {"ratio_max": ratio.max(), "ratio_min": ratio.min(), "lstm_h_norm": lstm["h_norm"].max(),
                 "lstm_c_norm": lstm["c_norm"].max(), "lstm_nonfinite": lstm["nonfinite"].sum().float()}
 
+    @torch.no_grad()
+    def ratio_outliers(self, batch: TensorDictBase, k: int = 8) -> AnomalyEvent:
+        """The (at most ``k``) transitions whose importance ratio left the monitor's bounds,
+        furthest first: env, step, action, old and new log-probability. Debug telemetry: run
+        only when the ratio check fired, with one extra transfer."""
+        lo, hi = self.monitor.ratio_bounds
+        with set_recurrent_mode(True):
+            log_weight = self.loss._log_weight(batch, batch.batch_size)[0]
+        n, t = batch.batch_size
+        lw = log_weight.reshape(n * t)
+        outside = (lw < math.log(lo)) | (lw > math.log(hi)) | ~torch.isfinite(lw)
+        score = torch.where(outside, lw.abs().nan_to_num(nan=1e30, posinf=1e30), torch.full_like(lw, -1.0))
+        top = score.topk(min(k, n * t)).indices
+        old = sum(batch.get(key).reshape(n * t) for key in self.loss.tensor_keys.sample_log_prob)
+        host = materialize(TensorDict({
+            "index": top, "outside": score[top] >= 0, "old": old[top], "new": old[top] + lw[top],
+            **{h: batch.get(h).reshape(n * t)[top] for h in HEAD_KEYS}}, batch_size=[]))
+        rows = []
+        for j, idx in enumerate(host["index"].tolist()):
+            if not host["outside"][j]:
+                continue
+            env_i, step = divmod(int(idx), t)
+            env_i += self.base_env.env_offset  # the run's env index (this rank's envs only)
+            action = self.base_env.describe(*(int(host[h][j]) for h in HEAD_KEYS))
+            rows.append({"env": env_i, "step": step, "action": action, "old_log_prob": float(host["old"][j]),
+                         "new_log_prob": float(host["new"][j]), "ratio": float(np.exp(host["new"][j] - host["old"][j]))})
+        named = "; ".join(f"env {r['env']} step {r['step']} {r['action']} ratio {r['ratio']:.3g}" for r in rows)
+        return AnomalyEvent(kind=EventKind.ANOMALY, epoch=self.round, detector="ratio_debug", severity="info",
+                            message=f"PPO transitions outside the ratio bounds [{lo}, {hi}]: {named}",
+                            payload={"scope": PPO_SCOPE, "transitions": rows})
+
     def train_round(self) -> RoundStats:
         """Collect, estimate advantages, update; the round counter advances.
 
@@ -307,16 +381,23 @@ class PPOTrainer:
         summaries = self.base_env.pipeline.take_summaries()
         t1 = time.perf_counter()
         self.modules.train()
+        previous = self._snapshot()  # what a diverged update is rolled back to
         self.advantages(batch)
-        ev = explained_variance(batch.get("state_value"), batch.get("value_target"))
+        full = self.learner.full  # the whole run's values and targets
+        ev = explained_variance(full.get("state_value"), full.get("value_target"))
         metrics = self.update(batch)
         t2 = time.perf_counter()
         self.round += 1
-        n, t = batch.batch_size
+        poison_policy(self.params, self.cfg.faults, self.round)  # fault drill: a diverged update
+        n, t = self.learner.total, batch.batch_size[1]
+        ops = self.learner.sum(torch.bincount(batch.get("op").reshape(-1), minlength=NUM_OPS).float())
         device_metrics = TensorDict(
-            {**{k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}, **self.health(batch),
+            {**{k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)},
+             **self.learner.health(self.health(batch)),
              "explained_variance": ev,
-             "op_freq": torch.bincount(batch.get("op").reshape(-1), minlength=NUM_OPS).float() / (n * t)},
+             "value_variance": full.get("state_value").float().var(),
+             "policy_nonfinite": sum((~torch.isfinite(q)).sum() for q in self.params).float(),
+             "op_freq": ops / (n * t)},
             batch_size=[],
         )
         host = materialize(device_metrics)  # one transfer per round for the learner's numbers
@@ -326,16 +407,40 @@ class PPOTrainer:
         checks = {"explained_variance": m["explained_variance"], "grad_norm": m["grad_norm_max"],
                   **{k: m[k] for k in ("ratio_max", "ratio_min", "lstm_h_norm", "lstm_c_norm", "lstm_nonfinite")}}
         anomalies = self.monitor.check_ppo_update(checks, self.round)
+        if any(a.detector == "ratio_explosion" for a in anomalies):  # debug telemetry: name them
+            anomalies.append(self.ratio_outliers(batch))
+        stats.rolled_back = policy_divergence(stats, m["policy_nonfinite"])
+        if stats.rolled_back is not None:
+            self._restore(previous)
+            anomalies.append(AnomalyEvent(
+                kind=EventKind.ANOMALY, epoch=self.round, detector="policy_governor", severity="severe",
+                message=f"the policy update of round {self.round} diverged ({stats.rolled_back}): rolled back "
+                        f"to the policy and optimizer state of round {self.round - 1}",
+                payload={"scope": PPO_SCOPE, "cause": stats.rolled_back, "action": "rollback"},
+            ))
         stats.anomalies = [a.message for a in anomalies]
         self.history.append(asdict(stats))
         if self.hub is not None:
             self.hub.emit(TelemetryEvent(kind=EventKind.PPO_UPDATE, epoch=self.round,
                                          payload={**asdict(stats), **checks}))
             self.hub.emit_many(anomalies)
+            self.hub.flush()  # the round is on disk before its checkpoint is (survives SIGKILL)
         return stats
+
+    def _snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Device copies of the policy (value normalizer included) and the optimizer state."""
+        return ({k: v.detach().clone() for k, v in self.modules.state_dict().items()},
+                copy.deepcopy(self.optimizer.state_dict()))
+
+    def _restore(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:
+        modules, optimizer = snapshot
+        self.modules.load_state_dict(modules)
+        self.optimizer.load_state_dict(optimizer)
 
     def _stats(self, summaries: list[EpisodeSummary], op_freq: np.ndarray, m: dict[str, float],
                tc: float, tu: float, frames: int) -> RoundStats:
+        summaries = [s for s in summaries if not s.governed]  # an env the governor rolled back is no result
+
         def mean(key: str) -> float:
             return float(np.mean([getattr(s, key) for s in summaries])) if summaries else float("nan")
 
@@ -355,6 +460,9 @@ class PPOTrainer:
             entropy={h: m[h] for h in HEAD_KEYS},
             explained_variance=m["explained_variance"],
             value_loss=m["value_loss"],
+            value_variance=m["value_variance"],
+            actor_grad_norm=m["actor_grad_norm"],
+            critic_grad_norm=m["critic_grad_norm"],
             lr=m["lr"],
             entropy_scale=m["entropy_scale"],
             passes=int(m["passes"]),
@@ -389,7 +497,8 @@ class PPOTrainer:
             "modules": self.modules.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "obs_norm": norm.state_dict() if norm is not None else {},
-            "env_episode": self.base_env.kasmina.episode.clone(),
+            # every env's episode counter (gathered from all ranks: a collective, so every rank calls this)
+            "env_episode": self.learner.gather_rows(self.base_env.kasmina.episode.clone(), "checkpoint"),
             "rng": {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state()},
             "history": list(self.history),
             # what made it: this run's command and code, and the checkpoint it started from
@@ -398,7 +507,13 @@ class PPOTrainer:
         }
 
     def save(self, path: str | Path) -> Path:
-        return save_checkpoint(path, self.state())
+        """Write the checkpoint atomically (an OSError leaves the previous one in place).
+        Every rank calls this; rank 0 alone writes."""
+        state = self.state()
+        if not self.ranks.main:
+            return Path(path)
+        save = checkpoint_saver(self.cfg.faults, self.round) or save_checkpoint  # drill: disk full
+        return save(path, state)
 
     def resume(self, path: str | Path) -> None:
         """Continue the run stored in ``path`` (same round counter, weights, optimizer, RNG)."""
@@ -409,14 +524,15 @@ class PPOTrainer:
         learn = ("task", "kasmina", "reward", "ppo", "history_length")
         for cfg in (saved, now):
             cfg["ppo"].pop("rounds")  # a resumed run may train for more rounds
-        check_matches(path, "env count", {"envs": int(ckpt["env_episode"].numel())}, {"envs": self.base_env.n})
+        check_matches(path, "env count", {"envs": int(ckpt["env_episode"].numel())}, {"envs": self.learner.total})
         check_matches(path, "config", {k: saved[k] for k in learn}, {k: now[k] for k in learn})
         self.modules.load_state_dict(ckpt["modules"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         norm = self.base_env.features.norm
         if norm is not None:
             norm.load_state_dict(ckpt["obs_norm"])
-        self.base_env.kasmina.episode = ckpt["env_episode"].to(self.device)
+        mine = slice(self.learner.offset, self.learner.offset + self.learner.count)  # this rank's envs
+        self.base_env.kasmina.episode = ckpt["env_episode"][mine].to(self.device)
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.shuffle.set_state(ckpt["rng"]["shuffle"])
         self.round = int(ckpt["round"])

@@ -20,6 +20,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from esper.simic.distributed import RankLost
+
 EXIT_USAGE = 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Policies whose spec takes ``name=ARG`` (a checkpoint path or a seed / blueprint name).
@@ -104,12 +106,17 @@ def check_dir_target(path: str | Path | None, where: str) -> None:
 
 # ----------------------------------------------------------------------------- inputs
 def check_device(device: str) -> None:
+    """A device this machine has; ``auto`` always is (CUDA when available, else the CPU)."""
     import torch
 
+    from esper.device import AUTO
+
+    if device == AUTO:
+        return
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UsageError(f"unknown device {device!r}", "--device", "cpu, cuda, cuda:N") from None
+        raise UsageError(f"unknown device {device!r}", "--device", "auto, cpu, cuda, cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("CUDA is not available on this machine", "--device", "cpu")
@@ -117,7 +124,7 @@ def check_device(device: str) -> None:
             raise UsageError(f"no CUDA device {dev.index}", "--device",
                              f"cuda:0..cuda:{torch.cuda.device_count() - 1} or cpu")
     elif dev.type != "cpu":
-        raise UsageError(f"unsupported device {device!r}", "--device", "cpu, cuda, cuda:N")
+        raise UsageError(f"unsupported device {device!r}", "--device", "auto, cpu, cuda, cuda:N")
 
 
 def check_backends(names: Iterable[str], flag: bool = True) -> None:
@@ -191,8 +198,10 @@ def parse_policies(text: str | None, where: str = "--policies") -> list[tuple[st
     return out
 
 
-def check_config(args: argparse.Namespace, policies: Iterable[str] = ()) -> tuple[Any, Any]:
-    """The validated config and telemetry profile (device, backends, data, run dir included)."""
+def check_config(args: argparse.Namespace, policies: Iterable[str] = (), trains_ppo: bool = False) -> tuple[Any, Any]:
+    """The validated config and telemetry profile (device, backends, data, run dir, fault
+    drills included; ``trains_ppo``: the run trains PPO, whose drills then apply)."""
+    from esper.simic import faults
     from esper.simic.cli import build_config, telemetry_profile
     from esper.simic.config import ConfigError
 
@@ -209,6 +218,9 @@ def check_config(args: argparse.Namespace, policies: Iterable[str] = ()) -> tupl
         except ConfigError as err:
             raise UsageError(str(err), "configuration", "fix the policy's config section") from None
     check_backends(cfg.telemetry.backends, flag=False)
+    bad = faults.problems(cfg, trains_ppo)
+    if bad:
+        raise UsageError("; ".join(bad), "faults", "drills that apply to this run (see FaultsConfig)")
     check_device(cfg.device)
     check_task_data(cfg)
     if any(b.strip().lower() in ("jsonl", "tensorboard") for b in cfg.telemetry.backends):
@@ -297,6 +309,12 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except Interrupted as err:
         print(f"interrupted by {err}", file=sys.stderr)
         return err.exit_code
+    except RankLost as err:  # torchrun/srun: another rank died or stalled; this one ends too
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err} (torch.distributed); the run cannot go on without every rank: "
+              "relaunch with --resume LAST_CHECKPOINT, on the same or another number of ranks", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()

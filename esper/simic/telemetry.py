@@ -65,9 +65,10 @@ def landscape_loss_fn(batch: MorphogeneticBatch, val_rows: int = 256) -> Callabl
 class EpochTelemetry:
     """Profile-driven diagnostics and the host-side event stream of one run."""
 
-    def __init__(self, profile: TelemetryConfig, batch: MorphogeneticBatch) -> None:
+    def __init__(self, profile: TelemetryConfig, batch: MorphogeneticBatch, envs: int | None = None) -> None:
         self.profile = profile
         self.batch = batch
+        self.envs = envs if envs is not None else batch.n  # envs reported (the whole run when sharded)
         self.escalation = EscalationState(profile)
         self.history = TrainingHistory(profile.history_length)
         # Accuracies here are in percent points: a drop of 5 points is a warning, 10 severe.
@@ -135,4 +136,4 @@ class EpochTelemetry:
     def lifecycle(self, event: LifecycleEvent, fossilized_envs: list[int]) -> None:
         self.analytics.record(event)
         if fossilized_envs:
-            self.history.mark_fossilized(fossilized_envs, self.batch.n)
+            self.history.mark_fossilized(fossilized_envs, self.envs)

@@ -58,8 +58,7 @@ class FeatureConfig(BaseModel):
     observe: Literal["minimal", "standard", "diagnostic", "research"] = Field(
         "minimal",
         description="telemetry profile whose diagnostics the observation appends (standard: per-layer "
-        "gradient norms; diagnostic/research: also gradient std and per-class validation accuracy "
-        "and loss); independent of the run's telemetry profile, so a policy's inputs never change "
+        "gradient norm and std; diagnostic/research: also per-class validation accuracy and loss); independent of the run's telemetry profile, so a policy's inputs never change "
         "when telemetry escalates",
     )
 

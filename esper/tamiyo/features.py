@@ -68,7 +68,7 @@ class RunningNorm(nn.Module):
         m_ok = (xs * w).sum(dim=0) / n_ok.clamp_min(1.0)
         v_ok = ((xs - m_ok).pow(2) * w).sum(dim=0) / n_ok.clamp_min(1.0)
         # All rows healthy (the usual case): exactly the plain batch statistics.
-        n = torch.where(all_ok, torch.tensor(float(x.shape[0]), device=x.device), n_ok)
+        n = torch.where(all_ok, float(x.shape[0]), n_ok)  # a scalar argument, not a host tensor
         b_mean = torch.where(all_ok, x.mean(dim=0), m_ok)
         b_var = torch.where(all_ok, x.var(dim=0, unbiased=False), v_ok)
         total = self.count + n

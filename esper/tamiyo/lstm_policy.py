@@ -48,10 +48,22 @@ ACTOR_STATE: tuple[str, str] = ("rs_h", "rs_c")
 CRITIC_STATE: tuple[str, str] = ("critic_h", "critic_c")
 
 
+_RELEVANCE: dict[torch.device, torch.Tensor] = {}
+
+
 def relevance_table(device: torch.device | str | None = None) -> torch.Tensor:
-    """``[len(HEADS), NUM_OPS]`` bool: does head ``h`` matter for op ``o``?"""
+    """``[len(HEADS), NUM_OPS]`` bool: does head ``h`` matter for op ``o``?
+
+    A read-only constant, cached per device: every action distribution reads it, and a fresh
+    one per policy step would be a host-to-device copy each epoch (traced code makes its own).
+    """
     rel = head_relevance()
-    return torch.tensor([rel[h] for h in HEAD_KEYS], dtype=torch.bool, device=device)
+    if torch.compiler.is_compiling():
+        return torch.tensor([rel[h] for h in HEAD_KEYS], dtype=torch.bool, device=device)
+    dev = torch.device(device if device is not None else "cpu")
+    if dev not in _RELEVANCE:
+        _RELEVANCE[dev] = torch.tensor([rel[h] for h in HEAD_KEYS], dtype=torch.bool, device=dev)
+    return _RELEVANCE[dev]
 
 
 def _nonempty(mask: torch.Tensor) -> torch.Tensor:
@@ -305,7 +317,8 @@ class RecurrentPolicy:
 
     Keeps each env's hidden state itself and starts it afresh on a fresh host (``signals.epoch``
     0) or on ``reset(mask)``. Actions are sampled (``deterministic=False``) or the per-head
-    mode, op first.
+    mode, op first. It also writes the op head's logits and the critic's value estimate, which
+    telemetry reports as the decision's "why this action".
     """
 
     def __init__(self, modules: TamiyoModules, n_envs: int, deterministic: bool = False) -> None:
@@ -313,7 +326,7 @@ class RecurrentPolicy:
         self.deterministic = deterministic
         lh = modules.shape.lstm_hidden_size
         dev = next(modules.parameters()).device
-        self.state = {k: torch.zeros(n_envs, 1, lh, device=dev) for k in ACTOR_STATE}
+        self.state = {k: torch.zeros(n_envs, 1, lh, device=dev) for k in (*ACTOR_STATE, *CRITIC_STATE)}
         self.is_init = torch.ones(n_envs, 1, dtype=torch.bool, device=dev)
 
     def reset(self, mask: torch.Tensor | None = None) -> None:
@@ -330,7 +343,11 @@ class RecurrentPolicy:
         mode = InteractionType.DETERMINISTIC if self.deterministic else InteractionType.RANDOM
         with set_interaction_type(mode), set_recurrent_mode(False):
             out = self.modules.actor(inp)
-        self.state = {k: out.get(("next", k)) for k in ACTOR_STATE}
+            value = self.modules.critic(inp.clone(False))
+        self.state = {k: out.get(("next", k)) for k in ACTOR_STATE} | {
+            k: value.get(("next", k)) for k in CRITIC_STATE}
+        td.set(("params", "op", "logits"), out.get(("params", "op", "logits")))
+        td.set("state_value", value.get("state_value"))
         self.is_init = torch.zeros_like(self.is_init)
         for h in HEAD_KEYS:
             td.set(h, out.get(h).long())

@@ -9,6 +9,15 @@ from esper.leyline import LIVE_STAGES, NUM_OPS, TEMPOS, GateId, Op, SeedStage, s
 
 S = SeedStage
 MASK_KEYS: tuple[str, ...] = ("op_mask", "slot_mask", "blueprint_mask", "tempo_mask")
+_LIVE: dict[torch.device, torch.Tensor] = {}  # LIVE_STAGES lookup per device, made once
+
+
+def _live_lookup(device: torch.device) -> torch.Tensor:
+    """The live-stage lookup on ``device``, cached: masks are built every epoch, and a fresh
+    constant each time would be a host-to-device copy per call."""
+    if device not in _LIVE:
+        _LIVE[device] = stage_mask(LIVE_STAGES, device)
+    return _LIVE[device]
 
 
 def action_masks(
@@ -25,7 +34,7 @@ def action_masks(
     the other success-path moves are automatic.
     """
     n, _n_slots = stage.shape
-    live = stage_mask(LIVE_STAGES, stage.device)[stage]
+    live = _live_lookup(stage.device)[stage]
     slot_mask = torch.stack(
         [
             torch.ones_like(live),  # WAIT ignores the slot head: any slot is fine

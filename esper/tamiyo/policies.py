@@ -65,7 +65,9 @@ def _static(env: PolicyEnv, cfg: Any, arg: str | None, seed: int) -> StaticPolic
 
 @register_policy("random")
 def _random(env: PolicyEnv, cfg: Any, arg: str | None, seed: int) -> RandomPolicy:
-    return RandomPolicy(env.n, seed=int(arg) if arg else seed, device=env.device)
+    # env i of a sharded run draws as env i (MorphogeneticEnv.env_offset)
+    return RandomPolicy(env.n, seed=int(arg) if arg else seed, env_offset=getattr(env, "env_offset", 0),
+                        device=env.device)
 
 
 @register_policy("fixed")

@@ -1,0 +1,66 @@
+"""PPO learning curves from the ``ppo_update`` events, one point per round: what the policy
+earned (return, test accuracy) and how the learner behaved (explained variance, per-head
+entropy, KL, clip fraction). Rounds whose update was rolled back are marked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from esper.report.figure import env_color, figure
+from esper.report.run import RunData
+from esper.report.section import Section
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")  # a non-finite value is written as null
+
+
+def learning_section(run: RunData) -> Section:
+    if not run.ppo:
+        return Section("ppo", "PPO learning curves",
+                       note="No ppo_update events: this run did not train a PPO controller.")
+    rounds = np.array([_num(p.get("round", i + 1)) for i, p in enumerate(run.ppo)])
+
+    def col(key: str) -> np.ndarray:
+        return np.array([_num(p.get(key)) for p in run.ppo])
+
+    fig, axes = figure(2, 3, height=2.6, sharex=True)
+    marker = "o" if len(rounds) <= 40 else None
+    panels = (("mean_return", "return (mean per episode)"), ("test_acc", "test accuracy (%)"),
+              ("explained_variance", "explained variance"), (None, "entropy per head"),
+              ("kl", "approx. KL"), ("clip_fraction", "clip fraction"))
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.25)
+        if key is not None:
+            ax.plot(rounds, col(key), marker=marker, markersize=3, color="#1f77b4")
+    axes[0, 1].plot(rounds, col("final_val_acc"), marker=marker, markersize=3, color="#999999",
+                    linestyle="--", label="final val acc")
+    axes[0, 1].legend(fontsize=7)
+    heads = sorted({h for p in run.ppo for h in (p.get("entropy") or {})})
+    for rank, head in enumerate(heads):
+        axes[1, 0].plot(rounds, [_num((p.get("entropy") or {}).get(head)) for p in run.ppo], marker=marker,
+                        markersize=3, color=env_color(rank), label=head)
+    if heads:
+        axes[1, 0].legend(fontsize=7, ncol=2)
+    rolled = [r for r, p in zip(rounds, run.ppo, strict=True) if p.get("rolled_back")]
+    if rolled:
+        ret = col("mean_return")
+        axes[0, 0].scatter(rolled, [ret[list(rounds).index(r)] for r in rolled], marker="X", s=70,
+                           color="#d62728", zorder=5, label="update rolled back")
+        axes[0, 0].legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last = run.ppo[-1]
+    return Section("ppo", "PPO learning curves", fig, alt="PPO learning curves per round",
+                   note=f"{len(run.ppo)} rounds; last: return {_num(last.get('mean_return')):+.3f}, "
+                        f"test accuracy {_num(last.get('test_acc')):.2f}, explained variance "
+                        f"{_num(last.get('explained_variance')):+.2f}"
+                        + (f"; {len(rolled)} updates rolled back" if rolled else "") + ".")
