@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from esper.compile_cache import compile_line, use_stable_cache
 from esper.leyline import EventKind
 from esper.leyline.events import AnomalyEvent
 from esper.nissa import NissaHub, TelemetryConfig
@@ -21,7 +22,7 @@ from esper.report.after_run import report_after, report_target
 from esper.simic.checkpoint import CheckpointError, load_checkpoint
 from esper.simic.cli import add_common_args, maybe_trace, run_hub
 from esper.simic.config import ConfigError, TrainingConfig
-from esper.simic.distributed import Ranks, main_rank
+from esper.simic.distributed import Ranks, launched, main_rank
 from esper.simic.launch import add_dist_args, agree_stop, for_rank, joined, trace_dir
 from esper.simic.offline import METHODS as OFFLINE_METHODS
 from esper.simic.offline import train_offline
@@ -127,10 +128,16 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
         console.print(f"PPO (preset {args.preset}): {cfg.episode.envs} envs x {cfg.episode.length} epochs "
                       f"per round, {cfg.ppo.rounds} rounds, task seed {cfg.task.seed}, host seed "
                       f"{cfg.episode.seed}, telemetry {profile.name}, compile={cfg.compile}, device={trainer.device}")
+        kas = trainer.base_env.kasmina
         try:
             while trainer.round < cfg.ppo.rounds:
+                graphs, compiling = kas.compile_graphs, kas.compile_seconds
                 stats = trainer.train_round()
                 console.print(f"{time.perf_counter() - start:7.1f}s {stats.line()}", highlight=False, markup=False)
+                if kas.compile_graphs > graphs:  # compile time apart from the round's throughput
+                    console.print(" " * 9 + compile_line(kas.compile_graphs - graphs, kas.compile_seconds - compiling,
+                                                         trainer.learner.total * cfg.episode.length,
+                                                         stats.env_epochs_per_s), highlight=False)
                 try:
                     trainer.save(save)
                     last = (save, trainer.round)
@@ -182,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    use_stable_cache()
     quiet = not main_rank()  # under torchrun, rank 0 speaks
     console = Console(quiet=quiet) if sys.stdout.isatty() else Console(width=200, quiet=quiet)
     if args.preset is None:
@@ -190,7 +198,10 @@ def _main(argv: list[str] | None = None) -> int:
     if args.policy == "ppo":
         return report_after(train_ppo(args, console), report if main_rank() else None)
     if args.policy in OFFLINE_METHODS:
-        refuse_flags(args, ("--rounds", "--force", "--trace", "--report"), args.policy)
+        refuse_flags(args, ("--rounds", "--force", "--trace", "--report", "--dist-timeout"), args.policy)
+        if launched():
+            raise UsageError(f"--policy {args.policy} under torchrun", "--policy",
+                             "behaviour cloning and IQL run as one process (python -m esper.train)")
         return train_offline(args, console)
     refuse_flags(args, (*PPO_ONLY, "--save", "--data", "--offline-epochs"), args.policy)
     specs = parse_policies(args.policy, "--policy")
@@ -236,6 +247,10 @@ def run_controller(args: argparse.Namespace, cfg: TrainingConfig, profile: Telem
         return err.exit_code
     elapsed = time.perf_counter() - start
     console.print(summary_table(summaries, f"{args.policy}: {len(summaries)} episodes in {elapsed:.1f}s"))
+    if cfg.compile:
+        kas = env.kasmina
+        frames = runner.epochs * env.n
+        console.print(compile_line(kas.compile_graphs, kas.compile_seconds, frames, frames / elapsed), highlight=False)
     valid = [s for s in summaries if not getattr(s, "governed", False)]
     test = np.array([s.test_acc for s in valid])
     val = np.array([s.final_val_acc for s in valid])

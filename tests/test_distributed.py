@@ -1,9 +1,10 @@
 """torch.distributed over CPU ranks (gloo): sharded envs behave as the whole run in one process.
 
-Ranks are forked processes running the commands' ``main`` with the variables torchrun sets
+Ranks are spawned processes running the commands' ``main`` with the variables torchrun sets
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): the same code
-path as ``torchrun -m esper.train``, without re-importing torch per rank. One slow test runs
-the real ``torchrun``.
+path as ``torchrun -m esper.train``. Spawned, not forked: a fork of a process whose OpenMP
+threads have run deadlocks in its first parallel torch op (seen with 2 threads). One slow test
+runs the real ``torchrun``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -50,13 +52,13 @@ def _rank(module: str, argv: list[str], rank: int, world: int, port: int, logs: 
     os._exit(code)
 
 
-class Ranks:
-    """``world`` forked ranks of ``python -m module argv``."""
+class Forked:
+    """``world`` spawned ranks of ``python -m module argv``."""
 
     def __init__(self, module: str, argv: list[str], world: int, logs: Path) -> None:
         logs.mkdir(parents=True, exist_ok=True)
         self.logs = logs
-        ctx = mp.get_context("fork")
+        ctx = mp.get_context("spawn")
         port = _free_port()
         self.procs = [ctx.Process(target=_rank, args=(module, argv, r, world, port, logs)) for r in range(world)]
         for p in self.procs:
@@ -90,12 +92,20 @@ def test_shards_cover_every_env_once() -> None:
         assert max(n for _, n in blocks) - min(n for _, n in blocks) <= 1
 
 
+def _events(run_dir: Path) -> Counter:
+    lines = (run_dir / "telemetry.jsonl").read_text().splitlines()
+    return Counter((e["kind"], e["env"], e["epoch"]) for e in map(json.loads, lines)
+                   if e["kind"] in ("decision", "lifecycle", "episode", "epoch"))
+
+
 def test_two_ranks_give_the_one_process_evaluation(cfg_file: Path, tmp_path: Path) -> None:
-    """static and heuristic over 4 envs: per-env test and validation accuracies identical."""
+    """static, heuristic and random over 4 envs: per-env test and validation accuracies
+    identical, and rank 0 writes the telemetry of all 4 envs once (rank 1 writes nothing)."""
     base = ["--policies", "static,heuristic,random", "--config", str(cfg_file), "--envs", "4",
-            "--backends", "none", "--device", "cpu"]
-    assert evaluate.main([*base, "--json", str(tmp_path / "one.json")]) == 0
-    run = Ranks("esper.evaluate", [*base, "--json", str(tmp_path / "two.json")], 2, tmp_path / "logs")
+            "--backends", "jsonl", "--device", "cpu"]
+    assert evaluate.main([*base, "--json", str(tmp_path / "one.json"), "--run-dir", str(tmp_path / "run1")]) == 0
+    argv = [*base, "--json", str(tmp_path / "two.json"), "--run-dir", str(tmp_path / "run2")]
+    run = Forked("esper.evaluate", argv, 2, tmp_path / "logs")
     assert run.wait(50) == [0, 0], run.err(0) + run.err(1)
     one = json.loads((tmp_path / "one.json").read_text())["results"]
     two = json.loads((tmp_path / "two.json").read_text())["results"]
@@ -104,8 +114,37 @@ def test_two_ranks_give_the_one_process_evaluation(cfg_file: Path, tmp_path: Pat
         assert b["env"] == [0, 1, 2, 3]
         assert a["test_acc"] == b["test_acc"] and a["final_val_acc"] == b["final_val_acc"], policy
         assert one[policy]["trajectories"] == two[policy]["trajectories"]
-    assert not (tmp_path / "logs" / "two.json").exists()
+    events = _events(tmp_path / "run2")
+    assert events == _events(tmp_path / "run1")  # every env's decisions and episodes, once
+    assert events[("episode", 3, 3)] == 3 and max(events.values()) == 3  # one per policy
     assert "results" not in (tmp_path / "logs" / "rank1.out").read_text()  # rank 1 says nothing
+
+
+def test_a_rolled_back_env_is_reported_by_its_run_index(tmp_path: Path) -> None:
+    """A fault drill on env 3 (rank 1's second env): one rollback event naming env 3, and its
+    episode the only governed one, as in one process."""
+    cfg = tmp_path / "drill.json"
+    cfg.write_text(json.dumps({**PPO_TINY, "faults": {"nan_loss_envs": [3], "at_epoch": 2}}))
+    argv = ["--policies", "heuristic", "--config", str(cfg), "--envs", "4", "--backends", "jsonl", "--device", "cpu",
+            "--json", str(tmp_path / "two.json"), "--run-dir", str(tmp_path / "run")]
+    run = Forked("esper.evaluate", argv, 2, tmp_path / "logs")
+    assert run.wait(50) == [0, 0], run.err(0) + run.err(1)
+    result = json.loads((tmp_path / "two.json").read_text())["results"]["heuristic"]
+    assert result["governed_episodes"] == 1 and result["per_env"]["env"] == [0, 1, 2]
+    events = [json.loads(line) for line in (tmp_path / "run" / "telemetry.jsonl").read_text().splitlines()]
+    rollbacks = [e for e in events if e["kind"] == "anomaly" and e.get("detector") == "governor"]
+    assert [(e["env"], e["message"][:22]) for e in rollbacks] == [(3, "env 3 diverged at epoc")]
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_epoch(cfg_file: Path, tmp_path: Path) -> None:
+    argv = ["--policy", "heuristic", "--config", str(cfg_file), "--envs", "4", "--episodes", "200",
+            "--backends", "none", "--device", "cpu"]
+    run = Forked("esper.train", argv, 2, tmp_path / "logs")
+    time.sleep(8)  # mid-run
+    os.kill(run.procs[1].pid, signal.SIGTERM)
+    assert run.wait(30) == [143, 143], run.err(0) + run.err(1)
+    said = [run.err(r).strip().splitlines()[-1] for r in (0, 1)]
+    assert said[0] == said[1] and said[0].startswith("interrupted;"), said  # the same epoch count
 
 
 def _params_close(a: dict, b: dict, atol: float = 1e-5) -> float:
@@ -124,7 +163,7 @@ def test_one_ppo_round_on_two_ranks_equals_one_process(cfg_file: Path, tmp_path:
     """DDP over 2 ranks with minibatches by global env index: the one-process update."""
     base = ["--config", str(cfg_file), "--envs", "4", "--rounds", "1", "--backends", "none", "--device", "cpu"]
     assert train.main([*base, "--save", str(tmp_path / "one.pt")]) == 0
-    run = Ranks("esper.train", [*base, "--save", str(tmp_path / "two.pt")], 2, tmp_path / "logs")
+    run = Forked("esper.train", [*base, "--save", str(tmp_path / "two.pt")], 2, tmp_path / "logs")
     assert run.wait(55) == [0, 0], run.err(0) + run.err(1)
     one, two = load_checkpoint(tmp_path / "one.pt"), load_checkpoint(tmp_path / "two.pt")
     _params_close(one["modules"], two["modules"])
@@ -142,7 +181,7 @@ def test_a_dead_rank_ends_every_rank(cfg_file: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "ppo.pt"
     argv = ["--config", str(cfg_file), "--envs", "4", "--rounds", "50", "--backends", "none", "--device", "cpu",
             "--save", str(ckpt), "--dist-timeout", "20"]
-    run = Ranks("esper.train", argv, 2, tmp_path / "logs")
+    run = Forked("esper.train", argv, 2, tmp_path / "logs")
     deadline = time.monotonic() + 45
     while not ckpt.exists() and time.monotonic() < deadline:  # mid-run: a round is done
         time.sleep(0.2)
@@ -160,11 +199,11 @@ def test_a_dead_rank_ends_every_rank(cfg_file: Path, tmp_path: Path) -> None:
 def test_resume_two_rank_checkpoint_on_one_or_two_ranks(cfg_file: Path, tmp_path: Path) -> None:
     """The checkpoint holds the whole run: the next round is the same on 1 rank as on 2."""
     base = ["--config", str(cfg_file), "--envs", "4", "--backends", "none", "--device", "cpu"]
-    first = Ranks("esper.train", [*base, "--rounds", "1", "--save", str(tmp_path / "r1.pt")], 2, tmp_path / "a")
+    first = Forked("esper.train", [*base, "--rounds", "1", "--save", str(tmp_path / "r1.pt")], 2, tmp_path / "a")
     assert first.wait(50) == [0, 0], first.err(0) + first.err(1)
     more = [*base, "--rounds", "2", "--resume", str(tmp_path / "r1.pt")]
     assert train.main([*more, "--save", str(tmp_path / "one.pt")]) == 0
-    second = Ranks("esper.train", [*more, "--save", str(tmp_path / "two.pt")], 2, tmp_path / "b")
+    second = Forked("esper.train", [*more, "--save", str(tmp_path / "two.pt")], 2, tmp_path / "b")
     assert second.wait(50) == [0, 0], second.err(0) + second.err(1)
     one, two = load_checkpoint(tmp_path / "one.pt"), load_checkpoint(tmp_path / "two.pt")
     assert one["round"] == two["round"] == 2
@@ -177,7 +216,7 @@ def test_resume_two_rank_checkpoint_on_one_or_two_ranks(cfg_file: Path, tmp_path
 
 def test_more_ranks_than_envs_is_refused(cfg_file: Path, tmp_path: Path) -> None:
     argv = ["--policy", "static", "--config", str(cfg_file), "--envs", "1", "--backends", "none", "--device", "cpu"]
-    run = Ranks("esper.train", argv, 2, tmp_path / "logs")
+    run = Forked("esper.train", argv, 2, tmp_path / "logs")
     assert run.wait(30) == [2, 2]
     assert "error: 1 envs over 2 ranks (--envs); at least one env per rank" in run.err(0)
 

@@ -14,7 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
 from esper.kasmina.gates import GateConfig
-from esper.kasmina.model import forward_eval
+from esper.kasmina.model import forward_eval, forward_train
 from esper.kasmina.state import as_dicts
 from esper.kasmina.step import train_step
 from esper.leyline import EventKind, Op, SeedStage
@@ -168,3 +168,44 @@ def test_heuristic_episodes_compile_nothing_after_warm_up() -> None:
     assert escalated == [10, 11, 40, 41], captures  # epoch 10 of each episode escalates the next 2
     assert sum(s.germinated for s in summaries) >= 2 and len(summaries) == 6
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_padded_group_plan_matches_masked_forward(n: int) -> None:
+    """The compiled plan's layout, run eagerly: every non-identity group present with at least
+    two rows (padding rows repeat the one env when N is 1), the padding masked out, so train and
+    validation logits equal the masked layout's (every blueprint for every env)."""
+    task = load_task("synthetic", train_size=64, val_size=16, seed=5)
+    batch = MorphogeneticBatch(task, n, KasminaConfig(batch_size=32, blueprints=BLUEPRINTS, compile=True))
+    names = batch.blueprint_names
+    for k, slot in enumerate(batch.arch.slots):  # env i holds blueprint 1 + (i + k) % 3, blending
+        st = batch.state["slots", slot]
+        st["stage"] = torch.full((n,), int(S.BLENDING))
+        st["blueprint"] = 1 + (torch.arange(n) + k) % 3
+        st["alpha"] = torch.full((n,), 0.5)
+        for bp in names[1:]:  # nonzero output paths, so every delta is nonzero
+            for v in batch.state["seeds", slot, bp].values():
+                v.add_(0.1 * torch.randn_like(v))
+    stage = batch._stacked("stage").numpy()
+    blueprint = batch._stacked("blueprint").numpy()
+    batch.set_plan(stage, blueprint)
+    plans = batch._plans
+    for k, slot in enumerate(batch.arch.slots):
+        assert set(plans[slot]) == set(names[1:])  # the identity never runs; the others always
+        for b, bp in enumerate(names[1:], start=1):
+            envs, valid = plans[slot][bp]
+            members = [i for i in range(n) if blueprint[i, k] == b]
+            assert envs.shape[0] == max(len(members), 2)
+            assert sorted(envs[valid].tolist()) == members
+    st = as_dicts(batch.state)
+    ctrl = batch.controls()
+    x, _ = next(iter(batch.sampler.epoch(batch.keys, batch.epoch)))
+    for plan in (plans, batch._eval_plans):
+        with torch.no_grad():
+            got = forward_eval(batch.arch, st["host"], st["buffers"], st["seeds"], ctrl, task.prepare(task.val_x), plan)
+            want = forward_eval(batch.arch, st["host"], st["buffers"], st["seeds"], ctrl, task.prepare(task.val_x))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert (got[0] - got[1]).abs().max() > 1e-3  # the seeds count
+            got_train = forward_train(batch.arch, st["host"], st["buffers"], st["seeds"], ctrl, x, plans=plan)[0]
+            want_train = forward_train(batch.arch, st["host"], st["buffers"], st["seeds"], ctrl, x)[0]
+            torch.testing.assert_close(got_train, want_train, rtol=1e-5, atol=1e-5)

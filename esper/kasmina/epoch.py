@@ -122,9 +122,18 @@ class MorphogeneticBatch:
 
     def _build_step(self, capture: frozenset[str] = frozenset()) -> Callable[..., dict[str, torch.Tensor]]:
         fn = partial(train_step, self.arch, self.cfg.step, capture=capture)
-        if self.cfg.compile:
-            return torch.compile(fn, fullgraph=True, mode=self.cfg.compile_mode)
-        return fn
+        if not self.cfg.compile:
+            return fn
+        compiled = torch.compile(fn, fullgraph=True, mode=self.cfg.compile_mode)
+
+        def step(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+            # The straight-through and seed-conv autograd.Functions are traced into the graph
+            # (their backward too), so the AOTAutograd cache may keep it: a warm compile then
+            # skips the joint-graph trace, not only inductor's codegen.
+            with torch._functorch.config.patch(autograd_cache_allow_custom_autograd_functions=True):
+                return compiled(*args, **kwargs)
+
+        return step
 
     def _step_for(self, capture: frozenset[str]) -> Callable[..., dict[str, torch.Tensor]]:
         """The step variant returning ``capture``. Compiled, always the one capturing everything

@@ -2,7 +2,8 @@
 
 Functional (``torch.func.grad``) so the whole step, backward and optimizer included, is one
 ``torch.compile(fullgraph=True)`` graph; ``loss.backward()`` would break it. Stage, alpha and
-blueprint arrive as tensors, so a lifecycle change never recompiles.
+blueprint arrive as tensors, and a plan's groups as index tensors of dynamic size, so neither a
+lifecycle change nor a new plan recompiles.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def train_step(
 
     Returns per-env metrics (all tensors, nothing leaves the device): ``loss [N]``,
     ``correct [N]``, host gradient norm ``[N]`` and non-finite counts ``[N, L]`` (from the one
-    ``grad_stats`` pass that also feeds clipping), and per-slot seed gradient norms ``[N, S]``. ``capture`` (static: each set compiles once) may ask for the
+    ``grad_stats`` pass that also feeds clipping), and per-slot seed gradient norms ``[N, S]``.
+    ``capture`` (static: each set is its own graph; compiled batches use one set) may ask for the
     raw host gradients (``"grads"`` -> ``grad.<name>``) and block activations
     (``"activations"`` -> ``act.<i>``, ``[B, N, C, H, W]``) for telemetry.
     """

@@ -144,8 +144,3 @@ class Ranks:
         red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
         self._collective(what, lambda: dist.all_reduce(y, op=red))
         return y
-
-
-def single(device: torch.device | str) -> Ranks:
-    """The one-process run."""
-    return Ranks(device=device)

@@ -114,7 +114,8 @@ class MorphogeneticEnv(EnvBase):
         self.signals = self._blank_signals()
         self._make_specs()
         self.pipeline = EpochPipeline(self, profile=profile, hub=hub)
-        self.faults = LossFaults.build(cfg.faults, n, self.device)  # a drill's poisoned envs, or None
+        block = env_offset if env_offset or n != cfg.episode.envs else None  # a block of the run's envs
+        self.faults = LossFaults.build(cfg.faults, n, self.device, offset=block)  # a drill's poisoned envs, or None
 
     # ------------------------------------------------------------------------- specs
     def _signal_shape(self, kind: str) -> tuple[int, ...]:

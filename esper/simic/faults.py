@@ -58,14 +58,18 @@ class LossFaults:
     """Poisons the drill's envs' host weights before epoch ``at_epoch`` of every episode:
     NaN (a NaN loss) or scaled by ``explode_scale`` (an exploding, finite loss)."""
 
-    def __init__(self, cfg: FaultsConfig, n: int, device: torch.device) -> None:
+    def __init__(self, cfg: FaultsConfig, n: int, device: torch.device, offset: int | None = None) -> None:
+        """``offset``: these ``n`` envs are envs ``offset ..`` of a sharded run (drill envs of other
+        blocks are skipped); None: the whole run (every drill env must be one of the ``n``)."""
         factor = torch.ones(n, dtype=torch.float64)
         targets = np.zeros(n, dtype=bool)
         for envs, value in ((cfg.explode_loss_envs, cfg.explode_scale), (cfg.nan_loss_envs, float("nan"))):
             for i in envs:
-                if not 0 <= i < n:
+                j = i - (offset or 0)
+                if offset is None and not 0 <= j < n:
                     raise ValueError(f"faults: env {i} is not one of the {n} envs")
-                factor[i], targets[i] = value, True
+                if 0 <= j < n:
+                    factor[j], targets[j] = value, True
         self.at_epoch = cfg.at_epoch
         self.targets = targets
         self.factor = factor.to(device)
@@ -73,9 +77,9 @@ class LossFaults:
         self.hits = 0  # epochs in which some env was poisoned
 
     @classmethod
-    def build(cls, cfg: FaultsConfig, n: int, device: torch.device) -> LossFaults | None:
+    def build(cls, cfg: FaultsConfig, n: int, device: torch.device, offset: int | None = None) -> LossFaults | None:
         """The drill for an env, or None (the common case: nothing to do, nothing paid)."""
-        return cls(cfg, n, device) if cfg.nan_loss_envs or cfg.explode_loss_envs else None
+        return cls(cfg, n, device, offset) if cfg.nan_loss_envs or cfg.explode_loss_envs else None
 
     @torch.no_grad()
     def before_epoch(self, host_epoch: np.ndarray, host: TensorDictBase) -> None:

@@ -8,7 +8,10 @@ whole ``[N, T]`` batch with the recurrent critic in recurrent mode (``shifted=Tr
 ``ppo.epochs`` passes over minibatches of *whole env sequences* (never single steps), each
 loss evaluated in recurrent mode from the sequence start. The episode's last step is treated as
 terminal (the horizon is fixed and the observation carries the epoch), so GAE never bootstraps
-across it.
+across it. Actions are drawn from per-env keyed noise (:mod:`esper.simic.sampling`), and under
+torchrun each rank holds a block of envs and DDP averages the gradients, with minibatches and
+normalizations taken over the whole run (:mod:`esper.simic.ppo_ranks`): K ranks update the
+policy as one process would.
 
 Hand-written here only what torchrl lacks: the per-head entropy of the factored distribution
 (:class:`FactoredPPOLoss`), value-target normalization inside the critic loss (the hook

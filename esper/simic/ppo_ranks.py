@@ -19,6 +19,16 @@ made global here:
   per round for the rest.
 
 With one rank all of this is the identity: weights 1, no collective.
+
+Why DDP rather than torchrl's distributed collectors feeding one learner: the update is ~1 % of
+a round (measured on the CPU, ``ppo`` preset, 8 envs x 10 epochs: update 0.04-0.15 s, collection
+12 s), so the choice does not move throughput; what decides it is that with DDP every rank keeps
+its collector in-process over its own envs (the epoch pipeline, its one transfer per epoch and
+its telemetry stay as they are), no learner rank idles while others collect, every rank holds
+the policy (checkpoints and resume need no weight shipping), and the update is provably the
+single-process one. Bytes moved are small either way: per round a central learner would
+receive the batch (73 KB per env at the ``ppo`` preset: 4.7 MB for 64 envs), DDP all-reduces
+the gradient once per minibatch (90k parameters, 360 KB, 64 minibatches for 64 envs: 23 MB).
 """
 
 from __future__ import annotations
