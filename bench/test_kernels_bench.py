@@ -23,6 +23,7 @@ DEVICES = [
     ),
 ]
 IMPLS = ["esper", "eager"]
+BLEND_IMPLS = [*IMPLS, "inductor"]  # + the reference compiled by inductor (what a compiled step runs)
 
 # Kasmina's layout: [B, N, C, H, W] view of a channels_last [B, N*C, H, W] grouped-conv output.
 SHAPES = {"cpu": (32, 16, 16, 16, 16), "cuda": (64, 64, 16, 32, 32)}
@@ -55,28 +56,38 @@ def _eager_blend(h: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor) -> torch
     return h + alpha.view(1, -1, 1, 1, 1) * (s - h)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+def _blend_impl(impl: str):
+    """``esper``: the public blend (Triton on CUDA); ``eager``: the torch reference;
+    ``inductor``: the reference under ``torch.compile``, which is what a compiled training step
+    runs (issue 14: is inductor's fused kernel as fast as the Triton one?)."""
+    if impl == "esper":
+        return lambda h, s, a: ek.blend(h, s, a, env_dim=1)
+    if impl == "inductor":
+        return torch.compile(_eager_blend, dynamic=False)
+    return _eager_blend
+
+
+@pytest.mark.parametrize("impl", BLEND_IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_blend_forward(benchmark: object, device: str, impl: str) -> None:
     benchmark.group = f"blend-forward-{device}"
     h, s = _activation(device), _activation(device)
     alpha = torch.rand(h.shape[1], device=device)
-    fn = (lambda: ek.blend(h, s, alpha, env_dim=1)) if impl == "esper" else (
-        lambda: _eager_blend(h, s, alpha)
-    )  # fmt: skip
+    fn = lambda: _blend_impl(impl)(h, s, alpha)  # noqa: E731
     _run(benchmark, fn, device, 3 * h.numel() * h.element_size())
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", BLEND_IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_blend_forward_backward(benchmark: object, device: str, impl: str) -> None:
     benchmark.group = f"blend-fwd-bwd-{device}"
     h, s = _activation(device, True), _activation(device, True)
     alpha = torch.rand(h.shape[1], device=device, requires_grad=True)
     grad = torch.randn_like(h)
-    blend = (lambda: ek.blend(h, s, alpha, env_dim=1)) if impl == "esper" else (
-        lambda: _eager_blend(h, s, alpha)
-    )  # fmt: skip
+    impl_fn = _blend_impl(impl)
+
+    def blend() -> torch.Tensor:
+        return impl_fn(h, s, alpha)
 
     def fn() -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(blend(), (h, s, alpha), grad)

@@ -131,6 +131,7 @@ def test_kernel_ops_are_in_the_traced_training_step() -> None:
     assert any("esper.blend" in str(node.target) for node in gm.graph.nodes), "blend op missing"
 
 
+@pytest.mark.slow  # two 30-epoch episodes after a cold compile: minutes on a 2-core CPU (CI runs it)
 @pytest.mark.compile
 def test_heuristic_episodes_compile_nothing_after_warm_up() -> None:
     """A compiled run: after its first epoch (the warm-up), two 30-epoch heuristic episodes,
