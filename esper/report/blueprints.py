@@ -13,51 +13,41 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from esper.nissa.analytics import BlueprintAnalytics, BlueprintStats
 from esper.report.figure import MARKS, figure
 from esper.report.run import RunData
 from esper.report.section import Section, table
 
 
 @dataclass(slots=True)
-class Tally:
-    germinated: int = 0
-    fossilized: int = 0
-    culled: int = 0
-    params: float = 0.0  # summed over germinations
-    kept_gain: float = 0.0  # accuracy gained by fossilized seeds, summed
-    kept_params: float = 0.0  # their parameters, summed
-    kept_measured: int = 0
+class Kept:
+    """What the fossilized seeds of one blueprint gained, against what they cost."""
 
-    @property
-    def rate(self) -> float:
-        done = self.fossilized + self.culled
-        return self.fossilized / done if done else math.nan
+    gain: float = 0.0  # accuracy gained by fossilized seeds, summed (points)
+    params: float = 0.0  # their parameters, summed
+    measured: int = 0
 
     @property
     def gain_per_kparam(self) -> float:
-        return 1000 * self.kept_gain / self.kept_params if self.kept_params else math.nan
+        return 1000 * self.gain / self.params if self.params else math.nan
 
 
-def tally(run: RunData) -> dict[str, Tally]:
-    out: dict[str, Tally] = {}
+def tally(run: RunData) -> tuple[dict[str, BlueprintStats], dict[str, Kept]]:
+    """Nissa's own blueprint analytics (counts, fossilization rate, mean cost) over the run's
+    lifecycle events, plus the accuracy kept seeds gained per parameter."""
+    analytics = BlueprintAnalytics()
+    kept: dict[str, Kept] = {}
     params: dict[tuple[int, str], float] = {}  # (env, slot) -> its seed's parameters
     for ev in run.lifecycle:
-        t = out.setdefault(ev.blueprint or "?", Tally())
+        analytics.record(ev)  # type: ignore[arg-type]  (reads to_stage, blueprint, payload)
         if ev.to_stage == "GERMINATED":
-            t.germinated += 1
-            p = float(ev.payload.get("params") or 0.0)
-            t.params += p
-            params[(ev.env, ev.slot)] = p
-        elif ev.to_stage == "FOSSILIZED":
-            t.fossilized += 1
-            delta = ev.payload.get("accuracy_delta")
-            if delta is not None:
-                t.kept_gain += float(delta)
-                t.kept_params += params.get((ev.env, ev.slot), 0.0)
-                t.kept_measured += 1
-        elif ev.to_stage == "CULLED":
-            t.culled += 1
-    return out
+            params[(ev.env, ev.slot)] = float(ev.payload.get("params") or 0.0)
+        elif ev.to_stage == "FOSSILIZED" and ev.payload.get("accuracy_delta") is not None:
+            k = kept.setdefault(ev.blueprint, Kept())
+            k.gain += float(ev.payload["accuracy_delta"])
+            k.params += params.get((ev.env, ev.slot), 0.0)
+            k.measured += 1
+    return analytics.stats, kept
 
 
 def _fmt(v: float, spec: str) -> str:
@@ -65,7 +55,7 @@ def _fmt(v: float, spec: str) -> str:
 
 
 def blueprint_section(run: RunData) -> Section:
-    stats = tally(run)
+    stats, kept = tally(run)
     if not stats:
         return Section("blueprints", "Blueprints", note="No seed was germinated in this run.")
     names = sorted(stats)
@@ -80,11 +70,11 @@ def blueprint_section(run: RunData) -> Section:
     ax.invert_yaxis()
     ax.set_title("seeds", fontsize=10)
     ax.legend(fontsize=7)
-    rates = np.array([stats[b].rate for b in names])
+    rates = np.array([stats[b].fossilization_rate for b in names])
     axes[0, 1].barh(y, np.nan_to_num(rates), color=MARKS["FOSSILIZED"][2])
     axes[0, 1].set_xlim(0, 1)
     axes[0, 1].set_title("fossilization rate (kept / finished)", fontsize=10)
-    gains = np.array([stats[b].gain_per_kparam for b in names])
+    gains = np.array([kept.get(b, Kept()).gain_per_kparam for b in names])
     axes[0, 2].barh(y, np.nan_to_num(gains), color=["#2ca02c" if g >= 0 else "#d62728" for g in np.nan_to_num(gains)])
     axes[0, 2].axvline(0, color="black", linewidth=0.6)
     axes[0, 2].set_title("val acc gained per 1k params (kept seeds)", fontsize=10)
@@ -93,10 +83,12 @@ def blueprint_section(run: RunData) -> Section:
             if not math.isfinite(v):
                 ax_.text(0, yi, " none finished", va="center", fontsize=7, color="#777777")
         ax_.grid(axis="x", alpha=0.25)
-    rows = [[b, t.germinated, t.fossilized, t.culled, _fmt(t.rate, ".2f"),
-             _fmt(t.params / t.germinated if t.germinated else math.nan, ".0f"),
-             _fmt(t.kept_gain / t.kept_measured if t.kept_measured else math.nan, "+.2f"),
-             _fmt(t.gain_per_kparam, "+.3f")] for b, t in ((b, stats[b]) for b in names)]
+    rows = []
+    for b in names:
+        t, k = stats[b], kept.get(b, Kept())
+        rows.append([b, t.germinated, t.fossilized, t.culled, _fmt(t.fossilization_rate, ".2f"),
+                     _fmt(t.mean_params, ".0f"), _fmt(k.gain / k.measured if k.measured else math.nan, "+.2f"),
+                     _fmt(k.gain_per_kparam, "+.3f")])
     html = table(["blueprint", "germinated", "fossilized", "culled", "fossilization rate", "mean params",
                   "mean acc gained (kept)", "acc per 1k params (kept)"], rows)
     return Section("blueprints", "Blueprints", fig, alt="blueprint fossilization rate and accuracy per parameter",
