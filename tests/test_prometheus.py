@@ -69,3 +69,24 @@ def test_ppo_rounds_and_anomalies_become_series() -> None:
     assert _value(text, 'esper_ppo{stat="explained_variance"}') == 0.8
     assert _value(text, 'esper_ppo_entropy{head="op"}') == 0.25
     assert _value(text, 'esper_anomalies_total{detector="ratio",severity="warning"}') == 1.0
+
+
+def test_a_port_in_use_is_refused_before_any_work(tmp_path, capsys) -> None:
+    import json
+    import socket
+
+    from esper import evaluate
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "c.json"
+        cfg.write_text(json.dumps({**TINY, "telemetry": {"prometheus_port": port}}))
+        out = tmp_path / "r.json"
+        rc = evaluate.main(["--policies", "static", "--config", str(cfg), "--backends", "prometheus",
+                            "--json", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not out.exists()
+    assert err == [f"error: port {port} cannot be served (Address already in use) (telemetry.prometheus_port); "
+                   "a free local port, or 0 for any"]

@@ -145,6 +145,20 @@ def check_backends(names: Iterable[str], flag: bool = True) -> None:
         raise UsageError(f"unknown telemetry backend(s) {unknown}", "--backends", allowed)
 
 
+def check_port_free(port: int) -> None:
+    """The prometheus backend's port can be bound on 127.0.0.1 (0: any free one)."""
+    import socket
+
+    if port == 0:
+        return
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise UsageError(f"port {port} cannot be served ({err.strerror})", "telemetry.prometheus_port",
+                             "a free local port, or 0 for any") from None
+
+
 def check_task_data(cfg: Any) -> None:
     """A CIFAR-10 directory is read and validated now (every file), not after a model is built."""
     if cfg.task.name != "cifar10":
@@ -225,6 +239,8 @@ def check_config(args: argparse.Namespace, policies: Iterable[str] = (), trains_
     check_task_data(cfg)
     if any(b.strip().lower() in ("jsonl", "tensorboard") for b in cfg.telemetry.backends):
         check_dir_target(cfg.run_dir, "--run-dir")
+    if any(b.strip().lower() == "prometheus" for b in cfg.telemetry.backends):
+        check_port_free(cfg.telemetry.prometheus_port)
     check_dir_target(getattr(args, "trace", None), "--trace")
     return cfg, profile
 
