@@ -108,6 +108,9 @@ def aggregate(summaries: list[EpisodeSummary], seconds: float) -> dict[str, Any]
         "episodes": len(summaries),
         "governed_episodes": governed,
         "test_acc": stat([s.test_acc for s in summaries]),
+        "test_loss": stat([s.test_loss for s in summaries]),
+        # Each host's perplexity exp(mean token loss), then the mean over hosts.
+        "test_perplexity": stat([float(np.exp(s.test_loss)) for s in summaries]),
         "final_val_acc": stat([s.final_val_acc for s in summaries]),
         "params_added": stat([s.params_added for s in summaries]),
         "fossilized": stat([s.fossilized for s in summaries]),
@@ -117,7 +120,8 @@ def aggregate(summaries: list[EpisodeSummary], seconds: float) -> dict[str, Any]
         "trajectories": [s.trajectory for s in summaries],
         "per_env": {"env": [s.env for s in summaries], "episode": [s.episode for s in summaries],
                     **{k: [getattr(s, k) for s in summaries]
-                       for k in ("test_acc", "final_val_acc", "params_added", "fossilized", "culled")}},
+                       for k in ("test_acc", "test_loss", "final_val_acc", "params_added", "fossilized",
+                                 "culled")}},
     }
 
 
@@ -125,16 +129,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
     atomic_write(path, lambda f: json.dump(data, f, indent=2), binary=False)
 
 
-def results_table(results: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title="policies on identical hosts (test accuracy on the held-out split)")
-    for col in ("policy", "test acc", "final val acc", "params added", "fossilized", "culled", "reward", "s"):
+def results_table(results: dict[str, dict[str, Any]], sequences: bool = False) -> Table:
+    """The side-by-side table; ``sequences`` (a language-model task) adds test perplexity, and
+    accuracy is then next-token accuracy."""
+    what = "test perplexity and next-token accuracy" if sequences else "test accuracy"
+    table = Table(title=f"policies on identical hosts ({what} on the held-out split)")
+    cols = ("policy", *(("test ppl",) if sequences else ()), "test acc", "final val acc", "params added",
+            "fossilized", "culled", "reward", "s")
+    for col in cols:
         table.add_column(col, justify="right" if col != "policy" else "left")
     for name, r in results.items():
         def ms(key: str, fmt: str = ".2f", r: dict[str, Any] = r) -> str:
             return f"{r[key]['mean']:{fmt}} ± {r[key]['std']:{fmt}}"
 
-        table.add_row(name, ms("test_acc"), ms("final_val_acc"), ms("params_added", ".0f"), ms("fossilized"),
-                      ms("culled"), ms("reward", ".3f"), f"{r['seconds']:.0f}")
+        table.add_row(name, *((ms("test_perplexity", ".3f"),) if sequences else ()), ms("test_acc"),
+                      ms("final_val_acc"), ms("params_added", ".0f"), ms("fossilized"), ms("culled"),
+                      ms("reward", ".3f"), f"{r['seconds']:.0f}")
     return table
 
 
@@ -182,6 +192,7 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None, cfg: TrainingConf
         except ValueError as err:
             raise UsageError(str(err), "--policies", "a policy that can be built for this env") from None
     results: dict[str, dict[str, Any]] = {}
+    sequences = cfg.task.family == "lm"
     try:
         with StopSignals() as stop, run_hub(for_rank(cfg, ranks)) as hub, \
                 maybe_trace(trace_dir(args, ranks), f"evaluate-{cfg.telemetry.profile}"):
@@ -192,7 +203,9 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None, cfg: TrainingConf
                 summaries = runner.run(cfg.episode.episodes)
                 results[spec] = aggregate(summaries, time.perf_counter() - start)
                 r = results[spec]
-                console.print(f"{spec}: test acc {r['test_acc']['mean']:.2f} ± {r['test_acc']['std']:.2f} "
+                ppl = (f"test ppl {r['test_perplexity']['mean']:.3f} ± {r['test_perplexity']['std']:.3f}, "
+                       if sequences else "")
+                console.print(f"{spec}: {ppl}test acc {r['test_acc']['mean']:.2f} ± {r['test_acc']['std']:.2f} "
                               f"(val {r['final_val_acc']['mean']:.2f}) in {r['seconds']:.0f}s"
                               + (f"; {r['governed_episodes']} governed episodes excluded"
                                  if r["governed_episodes"] else ""))
@@ -200,7 +213,7 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None, cfg: TrainingConf
         print(f"interrupted; {len(results)} of {len(specs)} policies evaluated, no results written",
               file=sys.stderr)
         return err.exit_code
-    console.print(results_table(results))
+    console.print(results_table(results, sequences))
     if args.json and ranks.main:
         write_json_atomic(args.json, {
             "task_seed": cfg.task.seed,

@@ -6,9 +6,10 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from esper.kasmina.blueprints import BLUEPRINTS
+from esper.kasmina.blueprints import BLUEPRINTS, family_blueprints
 from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
 from esper.kasmina.gates import GateConfig
+from esper.kasmina.hosts import host_spec
 from esper.leyline import Op, SeedStage
 from esper.tasks import load_task
 
@@ -64,14 +65,22 @@ def test_env_alone_equals_env_in_batch(task) -> None:
     assert stages[0, 1] == S.BLENDING and stages[3, 2] == S.EMBARGOED and stages[2, 0] == S.BLENDING
 
 
+@pytest.fixture(scope="module")
+def grammar():
+    return load_task("grammar", seq_len=8, train_size=64, val_size=32, test_size=32, seed=3)
+
+
+@pytest.mark.parametrize("host", ["impaired", "lm_small"])
 @pytest.mark.parametrize("slot", [0, 1, 2])
-def test_every_blueprint_trains_blends_fossilizes_and_culls(task, slot: int) -> None:
-    """One env per blueprint, all driven through the success path; then each is culled."""
-    names = list(BLUEPRINTS)
-    n = len(names)
+def test_every_blueprint_trains_blends_fossilizes_and_culls(task, grammar, slot: int, host: str) -> None:
+    """One env per blueprint of the host's family, all driven through the success path; then
+    each is culled."""
     gates = GateConfig(min_training_epochs=1, grad_ratio_floor=0.0, shadow_epochs=0, regression_tolerance=100.0,
                        min_probation_epochs=0, fossilize_threshold=-100.0)
-    batch = MorphogeneticBatch(task, n, _cfg(gates=gates))
+    family = host_spec(host).family
+    n = len(family_blueprints(family))
+    batch = MorphogeneticBatch(task if family == "cnn" else grammar, n, _cfg(gates=gates, host=host))
+    names = list(batch.blueprint_names)
     everyone = list(range(n))
     sig = batch.run_epoch(_actions([Op.GERMINATE] * n, [slot] * n, everyone))
     assert sig["germinated"][:, slot].all()

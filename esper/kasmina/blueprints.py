@@ -28,6 +28,7 @@ class Blueprint:
     param_count: Callable[[int], int]  # channels -> parameters per env
     macs: Callable[[int, int], int]  # (channels, H*W) -> multiply-accumulates per sample
     identity: bool = False  # adds nothing: the forward pass may skip it
+    family: str = "cnn"  # the host family it fits ("cnn", "lm"), or "any"
 
     def flops(self, channels: int, hw: int) -> int:
         return 2 * self.macs(channels, hw)
@@ -43,13 +44,26 @@ def register_blueprint(bp: Blueprint) -> Blueprint:
     return bp
 
 
-def get_blueprints(names: tuple[str, ...] | list[str] | None = None) -> tuple[Blueprint, ...]:
-    """Blueprints by name (all registered ones, in registration order, when ``None``)."""
+def family_blueprints(family: str | None = None) -> list[str]:
+    """Names of the blueprints a host family takes (every one when ``None``), in order."""
+    return [n for n, bp in BLUEPRINTS.items() if family is None or bp.family in (family, "any")]
+
+
+def get_blueprints(
+    names: tuple[str, ...] | list[str] | None = None, family: str | None = None
+) -> tuple[Blueprint, ...]:
+    """Blueprints by name (all registered ones of ``family``, in registration order, when
+    ``None``). A blueprint of another family is refused: a CNN seed's convolutions would read
+    a token sequence's future."""
+    allowed = family_blueprints(family)
     if names is None:
-        return tuple(BLUEPRINTS.values())
+        return tuple(BLUEPRINTS[n] for n in allowed)
     unknown = [n for n in names if n not in BLUEPRINTS]
     if unknown:
-        raise ValueError(f"unknown blueprint(s) {unknown}; allowed: {list(BLUEPRINTS)}")
+        raise ValueError(f"unknown blueprint(s) {unknown}; allowed: {allowed}")
+    foreign = [n for n in names if n not in allowed]
+    if foreign:
+        raise ValueError(f"blueprint(s) {foreign} do not fit a {family} host; allowed: {allowed}")
     if len(set(names)) != len(names):
         raise ValueError(f"blueprint list has duplicates: {list(names)}")
     return tuple(BLUEPRINTS[n] for n in names)
@@ -93,6 +107,7 @@ register_blueprint(
         param_count=lambda c: 0,
         macs=lambda c, hw: 0,
         identity=True,
+        family="any",
     )
 )
 
@@ -276,3 +291,7 @@ register_blueprint(
         macs=lambda c, hw: (18 * c * c + 10 * c) * hw,
     )
 )
+
+
+# The language-model blueprints register themselves on import (one module per family).
+from esper.kasmina import lm_blueprints  # noqa: E402, F401

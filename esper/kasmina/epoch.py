@@ -75,10 +75,11 @@ class MorphogeneticBatch:
         self.task = task
         self.device = task.device
         self.n = n_envs
+        spec = host_spec(cfg.host)
         self.arch = Architecture(
-            spec=host_spec(cfg.host),
+            spec=spec,
             slots=ordered_slots(cfg.slots),
-            blueprints=get_blueprints(cfg.blueprints),
+            blueprints=get_blueprints(cfg.blueprints, family=spec.family),
             n_envs=n_envs,
         )
         self.blueprint_names = tuple(bp.name for bp in self.arch.blueprints)
@@ -86,8 +87,8 @@ class MorphogeneticBatch:
         # Compiled steps keep one shape: a smaller last batch would be a second graph.
         ragged = task.train_size % cfg.batch_size != 0
         self.sampler = EnvBatchSampler(task, n_envs, cfg.batch_size, drop_last=cfg.compile and ragged)
-        c, h, _ = task.image_shape
-        self.in_channels = c
+        self.sample_shape = task.sample_shape  # (C, H, W) images or (L,) token sequences
+        self.in_channels = self.sample_shape[0]
         self.num_classes = task.num_classes
         # Env identity: env i of a run is (base_seed, env_offset + i); episodes advance a counter.
         self.env_ids = torch.arange(env_offset, env_offset + n_envs, device=self.device)
@@ -95,17 +96,17 @@ class MorphogeneticBatch:
         self.episode = torch.zeros(n_envs, dtype=torch.long, device=self.device)
         self.epoch = torch.zeros(n_envs, dtype=torch.long, device=self.device)
         self.keys = self._env_keys()
-        self.state = init_state(self.arch, self.keys, c, self.num_classes)
+        self.state = init_state(self.arch, self.keys, self.sample_shape, self.num_classes)
         self._param_table = torch.tensor(
             [[bp.param_count(self.arch.spec.slot_channels(s)) for bp in self.arch.blueprints] for s in self.arch.slots],
             dtype=torch.float32, device=self.device,
         )
         self._flop_table = torch.tensor(
-            [[bp.flops(self.arch.spec.slot_channels(s), self.arch.spec.slot_spatial(s, h) ** 2)
+            [[bp.flops(self.arch.spec.slot_channels(s), self.arch.spec.slot_positions(s, self.sample_shape))
               for bp in self.arch.blueprints] for s in self.arch.slots],
             dtype=torch.float32, device=self.device,
         )
-        self.host_params = float(self.arch.spec.param_count(c, self.num_classes))
+        self.host_params = float(self.arch.spec.param_count(self.sample_shape, self.num_classes))
         self.last = self._initial_signals()
         self._steps: dict[frozenset[str], Callable[..., dict[str, torch.Tensor]]] = {}
         self._plans: Plans | None = None
@@ -261,7 +262,7 @@ class MorphogeneticBatch:
         self.episode = self.episode + mask.long()
         self.epoch = torch.where(mask, torch.zeros_like(self.epoch), self.epoch)
         self.keys = self._env_keys()
-        fresh = init_state(self.arch, self.keys, self.in_channels, self.num_classes)
+        fresh = init_state(self.arch, self.keys, self.sample_shape, self.num_classes)
         where_envs(mask, fresh, self.state)
         where_envs(mask, self._initial_signals(), self.last)
 
@@ -357,9 +358,10 @@ class MorphogeneticBatch:
             if counters["stats"]["unique_graphs"] != graphs:
                 self.compile_graphs += counters["stats"]["unique_graphs"] - graphs
                 self.compile_seconds += time.perf_counter() - t0
-            seen += y.shape[1]
+            targets = y[0].numel()  # per env: images, or tokens
+            seen += targets
             for k in ("loss", "correct", "host_grad_norm", "seed_grad_norm"):
-                v = out[k] * y.shape[1] if k == "loss" else out[k]
+                v = out[k] * targets if k == "loss" else out[k]
                 sums[k] = sums[k] + v if k in sums else v
             last = out
         captured = {k: v for k, v in last.items() if k.startswith("grad.") and "grads" in wanted}
@@ -379,7 +381,9 @@ class MorphogeneticBatch:
         """Loss, accuracy and per-slot counterfactual accuracy, per env.
 
         With ``keep_logits`` the actual model's validation logits ``[N, V, K]`` are returned as
-        ``val_logits`` (per-class telemetry reads them with ``task.val_y``).
+        ``val_logits`` (per-class telemetry reads them with ``task.val_y``; for sequences ``V``
+        counts tokens and the labels are ``task.val_y`` flattened). Accuracy and loss are per
+        target: per image, or per token (next-token accuracy, mean cross-entropy).
         """
         st = as_dicts(self.state)
         ctrl = self.controls()
@@ -389,12 +393,13 @@ class MorphogeneticBatch:
         kept: list[torch.Tensor] = []
         for x, y in self.sampler.val_batches(self.cfg.val_batch_size):
             logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x, self._eval_plans)
-            correct += (logits.argmax(dim=-1) == y).sum(dim=-1)
+            correct += (logits.argmax(dim=-1) == y).flatten(2).sum(dim=-1)
             actual = logits[0]
-            loss += F.cross_entropy(actual.reshape(-1, k_cls), y.repeat(self.n), reduction="none").view(self.n, -1).sum(1)
+            loss += F.cross_entropy(actual.reshape(-1, k_cls), y.reshape(-1).repeat(self.n),
+                                    reduction="none").view(self.n, -1).sum(1)
             if keep_logits:
-                kept.append(actual)
-        total = self.task.val_size
+                kept.append(actual.reshape(self.n, -1, k_cls))
+        total = self.task.val_y.numel()  # images, or tokens
         acc = 100.0 * correct / total
         out = {
             "val_loss": loss / total,
@@ -420,9 +425,10 @@ class MorphogeneticBatch:
         for x, y in self.sampler.val_batches(self.cfg.val_batch_size, split="test"):
             logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x,
                                   self._eval_plans, counterfactuals=False)[0]
-            correct += (logits.argmax(dim=-1) == y).sum(dim=-1)
-            loss += F.cross_entropy(logits.reshape(-1, k_cls), y.repeat(self.n), reduction="none").view(self.n, -1).sum(1)
-        total = self.task.test_size
+            correct += (logits.argmax(dim=-1) == y).reshape(self.n, -1).sum(dim=-1)
+            loss += F.cross_entropy(logits.reshape(-1, k_cls), y.reshape(-1).repeat(self.n),
+                                    reduction="none").view(self.n, -1).sum(1)
+        total = self.task.test_y.numel()
         return {"test_loss": loss / total, "test_acc": 100.0 * correct / total}
 
     def run_epoch(

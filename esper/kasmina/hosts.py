@@ -1,4 +1,9 @@
-"""CNN host family: presets, per-env initialization, and the block-by-block forward."""
+"""Host families and their presets: CNN hosts (here) and transformer hosts (``transformer``).
+
+A host spec is everything the batched model asks of a host: its slots, widths, parameters and
+the block-by-block forward (``init``, ``stem``, ``block``, ``head``), so the slots, blending
+and lifecycle run on either family unchanged.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch.nn.functional as F
 
 from esper import rng
 from esper.kasmina import layers
+from esper.kasmina.transformer import TransformerSpec
 from esper.leyline import CANONICAL_SLOTS
 
 
@@ -25,6 +31,7 @@ class HostSpec:
     num_blocks: int
     slot_after: tuple[int, ...]
     max_width: int = 256
+    family: str = "cnn"
 
     def __post_init__(self) -> None:
         if self.base_width < 1 or self.num_blocks < 1:
@@ -53,15 +60,38 @@ class HostSpec:
     def slot_spatial(self, slot: str, image_size: int) -> int:
         return self.spatial_after(image_size)[self.slot_after[CANONICAL_SLOTS.index(slot)]]
 
-    def param_count(self, in_channels: int, num_classes: int) -> int:
-        total, cin = 0, in_channels
+    def slot_positions(self, slot: str, sample_shape: tuple[int, ...]) -> int:
+        """Positions a seed in ``slot`` computes on per sample: its feature map's H*W."""
+        return self.slot_spatial(slot, int(sample_shape[1])) ** 2
+
+    def param_count(self, sample_shape: tuple[int, ...] | int, num_classes: int) -> int:
+        """Host parameters per env, for images ``(C, H, W)`` (or just ``C``)."""
+        total = 0
+        cin = sample_shape if isinstance(sample_shape, int) else int(sample_shape[0])
         for w in self.widths:
             total += w * cin * 9 + 2 * w
             cin = w
         return total + cin * num_classes + num_classes
 
+    def init(self, keys: torch.Tensor, sample_shape: tuple[int, ...],
+             num_classes: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return init_host(self, keys, int(sample_shape[0]), num_classes)
 
-HOST_PRESETS: dict[str, HostSpec] = {
+    def stem(self, params: dict[str, torch.Tensor], x: torch.Tensor, shared: bool) -> torch.Tensor:
+        """Images to the grouped layout; a shared batch stays ``[B, C, H, W]`` (block 0's conv
+        reads it once for every env)."""
+        return x if shared else layers.to_grouped(x)
+
+    def block(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+              new_buffers: dict[str, torch.Tensor], i: int, h: torch.Tensor, training: bool,
+              shared_input: bool = False) -> torch.Tensor:
+        return host_block(params, buffers, new_buffers, i, h, training, shared_input)
+
+    def head(self, params: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        return host_head(params, h)
+
+
+HOST_PRESETS: dict[str, HostSpec | TransformerSpec] = {
     "minimal": HostSpec("minimal", base_width=2, num_blocks=3, slot_after=(0, 1, 2)),
     "impaired": HostSpec("impaired", base_width=4, num_blocks=3, slot_after=(0, 1, 2)),
     # One conv block with all three slots stacked after it: short of *depth*, which is what
@@ -73,7 +103,17 @@ HOST_PRESETS: dict[str, HostSpec] = {
 }
 
 
-def host_spec(name: str) -> HostSpec:
+# Transformer hosts for the language-model tasks. ``lm_small`` is one narrow block with a
+# thin MLP, its three slots stacked after it (short of depth and MLP width, which seeds add);
+# ``lm_large`` is the several-times-larger host the capacity gap is measured against.
+HOST_PRESETS.update({
+    "lm_small": TransformerSpec("lm_small", d_model=32, num_blocks=1, heads=2, mlp_hidden=32, slot_after=(0, 0, 0)),
+    "lm_base": TransformerSpec("lm_base", d_model=64, num_blocks=2, heads=4, mlp_hidden=128, slot_after=(0, 1, 1)),
+    "lm_large": TransformerSpec("lm_large", d_model=64, num_blocks=4, heads=4, mlp_hidden=256, slot_after=(1, 2, 3)),
+})
+
+
+def host_spec(name: str) -> HostSpec | TransformerSpec:
     if name not in HOST_PRESETS:
         raise ValueError(f"unknown host preset {name!r}; allowed: {sorted(HOST_PRESETS)}")
     return HOST_PRESETS[name]

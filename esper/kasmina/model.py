@@ -9,7 +9,8 @@ import torch
 import esper_kernels
 from esper.kasmina import layers
 from esper.kasmina.blueprints import Blueprint
-from esper.kasmina.hosts import HostSpec, host_block, host_head
+from esper.kasmina.hosts import HostSpec
+from esper.kasmina.transformer import TransformerSpec
 
 Tensors = dict[str, torch.Tensor]
 SeedParams = dict[str, dict[str, Tensors]]  # slot -> blueprint -> name -> [N, ...]
@@ -24,7 +25,7 @@ Plans = dict[str, dict[str, Group]]
 class Architecture:
     """Static description of the batched model: host, slots in use, blueprint set, N."""
 
-    spec: HostSpec
+    spec: HostSpec | TransformerSpec
     slots: tuple[str, ...]
     blueprints: tuple[Blueprint, ...]
     n_envs: int
@@ -97,20 +98,22 @@ def forward_train(
     activations: list[torch.Tensor] | None = None,
     plans: Plans | None = None,
 ) -> tuple[torch.Tensor, Tensors]:
-    """Training forward on per-env batches ``x [N, B, C, H, W]``: logits ``[N, B, K]``.
+    """Training forward on per-env batches ``x [N, B, ...]``: logits ``[N, B, K]`` (images
+``[N, B, C, H, W]``) or ``[N, B, L, K]`` (token sequences ``[N, B, L]``).
 
     With ``activations`` given, each block's output (after its slots) is appended to it as a
     detached ``[B, N, C, H, W]`` view, for telemetry captured inside the compiled step.
     """
-    h = layers.to_grouped(x)
+    spec = arch.spec
+    h = spec.stem(params, x, shared=False)
     new_buffers: Tensors = {}
-    for i in range(arch.spec.num_blocks):
-        h = host_block(params, buffers, new_buffers, i, h, training=True)
+    for i in range(spec.num_blocks):
+        h = spec.block(params, buffers, new_buffers, i, h, training=True)
         for slot in arch.slots_after_block(i):
             h = apply_slot(arch, h, seeds[slot], ctrl[slot], plans[slot] if plans is not None else None)
         if activations is not None:
             activations.append(layers.env_view(h.detach(), arch.n_envs))
-    return host_head(params, h), new_buffers
+    return spec.head(params, h), new_buffers
 
 
 def forward_eval(
@@ -123,22 +126,22 @@ def forward_eval(
     plans: Plans | None = None,
     counterfactuals: bool = True,
 ) -> torch.Tensor:
-    """Validation on one batch ``x [B, C, H, W]`` shared by all envs, with counterfactuals.
+    """Validation on one batch ``x [B, ...]`` shared by all envs, with counterfactuals.
 
-    Returns logits ``[1 + S, N, B, K]``: row 0 the actual model, row ``1 + k`` the model with
+    Returns logits ``[1 + S, N, B, K]`` (``[1 + S, N, B, L, K]`` for sequences): row 0 the actual model, row ``1 + k`` the model with
     slot ``k``'s seed removed (alpha forced to 0). Counterfactual rows share the computation
     up to their slot: each branches off as extra batch rows where its slot is reached. Without
     ``counterfactuals`` only the actual model runs: ``[1, N, B, K]``.
     """
     b = x.shape[0]
-    h = x
+    spec = arch.spec
+    h = spec.stem(params, x, shared=True)
     unused: Tensors = {}
-    for i in range(arch.spec.num_blocks):
-        h = host_block(params, buffers, unused, i, h, training=False, shared_input=i == 0)
+    for i in range(spec.num_blocks):
+        h = spec.block(params, buffers, unused, i, h, training=False, shared_input=i == 0)
         for slot in arch.slots_after_block(i):
             plan = plans[slot] if plans is not None else None
             out = apply_slot(arch, h, seeds[slot], ctrl[slot], plan)
             h = torch.cat([out, h[:b]], dim=0) if counterfactuals else out
-    logits = host_head(params, h)  # [N, rows*B, K]
-    n, _, k = logits.shape
-    return logits.view(n, -1, b, k).transpose(0, 1)
+    logits = spec.head(params, h)  # [N, rows*B, (L,) K]
+    return logits.view(logits.shape[0], -1, b, *logits.shape[2:]).transpose(0, 1)

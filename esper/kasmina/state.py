@@ -8,7 +8,6 @@ import torch
 from tensordict import TensorDict
 
 from esper import rng
-from esper.kasmina.hosts import init_host
 from esper.kasmina.model import Architecture
 from esper.kasmina.slots import new_slot_state
 from esper.leyline import CANONICAL_SLOTS
@@ -29,10 +28,16 @@ def init_seeds(
     return TensorDict(out, batch_size=[keys.shape[0]])
 
 
-def init_state(arch: Architecture, keys: torch.Tensor, in_channels: int, num_classes: int) -> TensorDict:
-    """Everything an env owns, with a leading env dimension ``[N]``."""
+def init_state(
+    arch: Architecture, keys: torch.Tensor, sample_shape: tuple[int, ...] | int, num_classes: int
+) -> TensorDict:
+    """Everything an env owns, with a leading env dimension ``[N]``.
+
+    ``sample_shape`` is one input's shape (``(C, H, W)`` or ``(L,)``; an int is a CNN's
+    channel count)."""
     n = keys.shape[0]
-    params, buffers = init_host(arch.spec, keys, in_channels, num_classes)
+    shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
+    params, buffers = arch.spec.init(keys, shape, num_classes)
     zeros = torch.zeros(n, dtype=torch.long, device=keys.device)
     seeds = TensorDict(
         {slot: init_seeds(arch, keys, slot, zeros) for slot in arch.slots}, batch_size=[n]

@@ -59,23 +59,25 @@ def train_step(
     capture: frozenset[str] = frozenset(),
     plans: Plans | None = None,
 ) -> Tensors:
-    """Train every env on its own minibatch ``x [N, B, C, H, W]``, ``y [N, B]``, in place.
+    """Train every env on its own minibatch ``x [N, B, ...]``, ``y [N, B, ...]``, in place.
 
     Returns per-env metrics (all tensors, nothing leaves the device): ``loss [N]``,
-    ``correct [N]``, host gradient norm ``[N]`` and non-finite counts ``[N, L]`` (from the one
+    ``correct [N]`` (targets predicted right: images or tokens), host gradient norm ``[N]``
+    and non-finite counts ``[N, L]`` (from the one
     ``grad_stats`` pass that also feeds clipping), and per-slot seed gradient norms ``[N, S]``.
     ``capture`` (static: each set is its own graph; compiled batches use one set) may ask for the
     raw host gradients (``"grads"`` -> ``grad.<name>``) and block activations
     (``"activations"`` -> ``act.<i>``, ``[B, N, C, H, W]``) for telemetry.
     """
-    n, b = y.shape
+    n = y.shape[0]
 
     def loss_fn(p: Tensors, s: SeedParams) -> tuple[torch.Tensor, tuple]:
         acts: list[torch.Tensor] | None = [] if "activations" in capture else None
         logits, new_buffers = forward_train(arch, p, buffers, s, ctrl, x, acts, plans)
-        per_sample = F.cross_entropy(logits.reshape(n * b, -1), y.reshape(n * b), reduction="none")
-        per_env = per_sample.view(n, b).mean(dim=1)
-        correct = (logits.detach().argmax(dim=-1) == y).sum(dim=1)
+        # One target per image, or one per token: either way a mean over the env's targets.
+        per_target = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+        per_env = per_target.view(n, -1).mean(dim=1)
+        correct = (logits.detach().argmax(dim=-1) == y).reshape(n, -1).sum(dim=1)
         # Summing per-env mean losses keeps every env's gradient its own.
         return per_env.sum(), (per_env.detach(), correct, new_buffers, acts or [])
 

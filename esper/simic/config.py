@@ -26,17 +26,28 @@ class _Strict(BaseModel):
 class TaskConfig(_Strict):
     """Which dataset, and how much of it."""
 
-    name: Literal["synthetic", "cifar10"] = "synthetic"
-    train_size: int | None = Field(2048, ge=1)
+    name: Literal["synthetic", "cifar10", "grammar", "tinystories"] = "synthetic"
+    train_size: int | None = Field(2048, ge=1, description="samples: images, or token windows")
     val_size: int | None = Field(512, ge=1)
-    test_size: int | None = Field(1024, ge=1, description="held-out images results are reported on")
+    test_size: int | None = Field(1024, ge=1, description="held-out samples results are reported on")
     image_size: int = Field(16, ge=5, description="synthetic only")
     num_classes: int = Field(10, ge=2, description="synthetic only")
-    seed: int = Field(0, ge=0, description="synthetic data seed")
+    seq_len: int = Field(32, ge=2, description="grammar/tinystories: tokens per sample (window)")
+    seed: int = Field(0, ge=0, description="synthetic/grammar data seed (a grammar seed is a different task)")
     data_dir: str = "data"
     download: bool = False
 
+    @property
+    def family(self) -> str:
+        """The host family the task needs: ``lm`` for token sequences, ``cnn`` for images."""
+        return "lm" if self.name in ("grammar", "tinystories") else "cnn"
+
     def loader_kwargs(self) -> dict[str, Any]:
+        sizes = {k: getattr(self, k) for k in ("train_size", "val_size", "test_size")}
+        if self.name == "grammar":
+            return {"seed": self.seed, "seq_len": self.seq_len, **{k: v for k, v in sizes.items() if v is not None}}
+        if self.name == "tinystories":
+            return {"root": self.data_dir, "seq_len": self.seq_len, **sizes}
         if self.name == "synthetic":
             kw: dict[str, Any] = {
                 "num_classes": self.num_classes,
@@ -86,15 +97,20 @@ class KasminaSection(_Strict):
         bad = [s for s in self.slots if s not in CANONICAL_SLOTS]
         if bad or not self.slots:
             raise ValueError(f"slots must be a non-empty subset of {list(CANONICAL_SLOTS)}, got {bad}")
-        from esper.kasmina.blueprints import BLUEPRINTS
+        from esper.kasmina.blueprints import BLUEPRINTS, family_blueprints
         from esper.kasmina.hosts import HOST_PRESETS
 
         if self.host not in HOST_PRESETS:
             raise ValueError(f"unknown host {self.host!r}; allowed: {sorted(HOST_PRESETS)}")
         if self.blueprints is not None:
+            family = HOST_PRESETS[self.host].family
+            allowed = family_blueprints(family)
             unknown = [b for b in self.blueprints if b not in BLUEPRINTS]
             if unknown or not self.blueprints:
-                raise ValueError(f"unknown blueprints {unknown}; allowed: {list(BLUEPRINTS)}")
+                raise ValueError(f"unknown blueprints {unknown}; allowed: {allowed}")
+            foreign = [b for b in self.blueprints if b not in allowed]
+            if foreign:
+                raise ValueError(f"blueprints {foreign} do not fit host {self.host!r} ({family}); allowed: {allowed}")
         return self
 
 
@@ -209,6 +225,18 @@ class TrainingConfig(_Strict):
     device: str = Field("auto", description="auto (CUDA when available, else the CPU), cpu, cuda, cuda:N")
     compile: bool = False
     run_dir: str = "runs/latest"
+
+    @model_validator(mode="after")
+    def _host_fits_task(self) -> TrainingConfig:
+        """An image host cannot read tokens, nor a transformer images: refused before any work."""
+        from esper.kasmina.hosts import HOST_PRESETS
+
+        need = self.task.family
+        if HOST_PRESETS[self.kasmina.host].family != need:
+            fits = sorted(n for n, h in HOST_PRESETS.items() if h.family == need)
+            raise ValueError(f"kasmina.host {self.kasmina.host!r} cannot run task {self.task.name!r} "
+                             f"({need} task); allowed hosts: {fits}")
+        return self
 
     @model_validator(mode="after")
     def _finite(self) -> TrainingConfig:

@@ -242,7 +242,7 @@ class MorphogeneticEnv(EnvBase):
         self.signals = raw.select(*SIGNAL_KEYS).to(self.device)
         extra = None
         if self.observed.names:
-            extra = self.observed(raw.get("captured", None), self.kasmina.task.val_y, self.n)
+            extra = self.observed(raw.get("captured", None), self.kasmina.task.val_y.reshape(-1), self.n)
         self.tracker = self.features.update_tracker(self.tracker, self.signals, actions["op"], extra)
         truncated = self.signals["epoch"] >= self.episode_length
         components = self.reward_fn(self.signals, actions["op"], truncated)

@@ -300,7 +300,7 @@ class EpochPipeline:
             payload: dict[str, float] = {"val_acc": val_acc}
             if dst is S.GERMINATED:
                 c = kas.arch.spec.slot_channels(env.slots[k])
-                hw = kas.arch.spec.slot_spatial(env.slots[k], kas.task.image_shape[1]) ** 2
+                hw = kas.arch.spec.slot_positions(env.slots[k], kas.sample_shape)
                 bp_obj = kas.arch.blueprints[int(snap["signals.blueprint"][i, k])]
                 payload |= {"params": float(bp_obj.param_count(c)), "flops": float(bp_obj.flops(c, hw))}
             if dst in (S.FOSSILIZED, S.CULLED):

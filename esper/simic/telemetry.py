@@ -57,7 +57,8 @@ def landscape_loss_fn(batch: MorphogeneticBatch, val_rows: int = 256) -> Callabl
         logits = forward_eval(batch.arch, dict(zip(names, params, strict=True)), st["buffers"], st["seeds"], ctrl, x,
                              counterfactuals=False)[0]
         k = logits.shape[-1]
-        return F.cross_entropy(logits.reshape(-1, k), y.repeat(batch.n), reduction="none").view(batch.n, -1).mean(1)
+        return F.cross_entropy(logits.reshape(-1, k), y.reshape(-1).repeat(batch.n),
+                               reduction="none").view(batch.n, -1).mean(1)
 
     return loss_fn
 
@@ -96,7 +97,7 @@ class EpochTelemetry:
             kwargs["activations"] = [cap[k] for k in sorted(k for k in cap if k.startswith("act."))]
             kwargs["activation_env_dim"] = 0
         if INPUT_LOGITS in need or INPUT_LABELS in need:
-            kwargs["logits"], kwargs["labels"] = cap["val_logits"], b.task.val_y
+            kwargs["logits"], kwargs["labels"] = cap["val_logits"], b.task.val_y.reshape(-1)
         if INPUT_PARAMS in need:
             kwargs["params"] = list(b.state["host"].values())
         if INPUT_LOSS_FN in need:

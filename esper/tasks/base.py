@@ -121,6 +121,16 @@ class TaskData:
         return (int(c), int(h), int(w))
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One network input's shape (the image's (C, H, W)); sequence tasks give (L,)."""
+        return self.image_shape
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        """One sample's target shape: a single class per image."""
+        return ()
+
+    @property
     def train_size(self) -> int:
         return int(self.train_x.shape[0])
 

@@ -7,16 +7,19 @@ from typing import Any
 
 from esper.tasks.base import TaskData
 from esper.tasks.cifar import load_cifar10
+from esper.tasks.grammar import make_grammar_task
+from esper.tasks.sequence import SequenceTask
 from esper.tasks.synthetic import make_synthetic_task
 
 DEFAULT_TASK = "synthetic"
-TASKS: dict[str, Callable[..., TaskData]] = {
+TASKS: dict[str, Callable[..., TaskData | SequenceTask]] = {
     "synthetic": make_synthetic_task,
     "cifar10": load_cifar10,
+    "grammar": make_grammar_task,
 }
 
 
-def load_task(name: str = DEFAULT_TASK, **kwargs: Any) -> TaskData:
+def load_task(name: str = DEFAULT_TASK, **kwargs: Any) -> TaskData | SequenceTask:
     """Build task `name` with the loader's keyword arguments (e.g. device, seed, root)."""
     try:
         loader = TASKS[name]

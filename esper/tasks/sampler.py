@@ -68,13 +68,14 @@ class EnvBatchSampler:
         return self.steps_per_epoch
 
     def _gather(self, perm: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        """Raw images [N, b, C, H, W] and labels [N, b] of one step, by ONE index_select each."""
+        """Raw inputs [N, b, *sample_shape] and targets [N, b, *label_shape] of one step, by ONE
+        index_select each."""
         b = self.batch_size
         idx = perm[:, step * b : (step + 1) * b]  # [N, b]
         n, bb = idx.shape
         flat = idx.reshape(-1)
-        x = self.task.train_x.index_select(0, flat).view(n, bb, *self.task.image_shape)
-        y = self.task.train_y.index_select(0, flat).view(n, bb)
+        x = self.task.train_x.index_select(0, flat).view(n, bb, *self.task.sample_shape)
+        y = self.task.train_y.index_select(0, flat).view(n, bb, *self.task.label_shape)
         return x, y
 
     def epoch(self, keys: Tensor, epoch: Tensor | int) -> Iterator[tuple[Tensor, Tensor]]:
