@@ -155,7 +155,7 @@ def train(task: SequenceTask, cfg: LMConfig, *, epochs: int, batch: int, lr: flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", default="0,1", help="comma-separated grammar task seeds")
-    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)

@@ -88,6 +88,7 @@ class MorphogeneticBatch:
         ragged = task.train_size % cfg.batch_size != 0
         self.sampler = EnvBatchSampler(task, n_envs, cfg.batch_size, drop_last=cfg.compile and ragged)
         self.sample_shape = task.sample_shape  # (C, H, W) images or (L,) token sequences
+        self._adam = cfg.step.optimizer == "adamw"
         self.in_channels = self.sample_shape[0]
         self.num_classes = task.num_classes
         # Env identity: env i of a run is (base_seed, env_offset + i); episodes advance a counter.
@@ -96,7 +97,7 @@ class MorphogeneticBatch:
         self.episode = torch.zeros(n_envs, dtype=torch.long, device=self.device)
         self.epoch = torch.zeros(n_envs, dtype=torch.long, device=self.device)
         self.keys = self._env_keys()
-        self.state = init_state(self.arch, self.keys, self.sample_shape, self.num_classes)
+        self.state = init_state(self.arch, self.keys, self.sample_shape, self.num_classes, self._adam)
         self._param_table = torch.tensor(
             [[bp.param_count(self.arch.spec.slot_channels(s)) for bp in self.arch.blueprints] for s in self.arch.slots],
             dtype=torch.float32, device=self.device,
@@ -262,7 +263,7 @@ class MorphogeneticBatch:
         self.episode = self.episode + mask.long()
         self.epoch = torch.where(mask, torch.zeros_like(self.epoch), self.epoch)
         self.keys = self._env_keys()
-        fresh = init_state(self.arch, self.keys, self.sample_shape, self.num_classes)
+        fresh = init_state(self.arch, self.keys, self.sample_shape, self.num_classes, self._adam)
         where_envs(mask, fresh, self.state)
         where_envs(mask, self._initial_signals(), self.last)
 
@@ -310,6 +311,8 @@ class MorphogeneticBatch:
         fresh = init_seeds(self.arch, self.keys, slot, self.state["slots", slot, "germinations"], only)
         where_envs(mask, fresh, self.state["seeds", slot])
         where_envs(mask, fresh.apply(torch.zeros_like), self.state["seed_mom", slot])
+        if self._adam:
+            where_envs(mask, fresh.apply(torch.zeros_like), self.state["seed_sq", slot])
 
     # ----------------------------------------------------------------------------- epoch
     def host_lr(self) -> torch.Tensor:
@@ -353,8 +356,10 @@ class MorphogeneticBatch:
         for i, (x, y) in enumerate(self.sampler.epoch(self.keys, self.epoch)):
             step = self._step_for(wanted if i == steps - 1 else frozenset())
             graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+            if self._adam:  # each env's (and seed's) own step count, for bias correction
+                ctrl = self._with_step_counts(ctrl, steps, i)
             out = step(st["host"], st["buffers"], st["seeds"], st["host_mom"], st["seed_mom"], ctrl, x, y,
-                       plans=plans)
+                       plans=plans, host_sq=st.get("host_sq"), seed_sq=st.get("seed_sq"))
             if counters["stats"]["unique_graphs"] != graphs:
                 self.compile_graphs += counters["stats"]["unique_graphs"] - graphs
                 self.compile_seconds += time.perf_counter() - t0
@@ -375,6 +380,16 @@ class MorphogeneticBatch:
             "seed_grad_norm": sums["seed_grad_norm"] / steps,
             "grad_nonfinite": last["grad_nonfinite"],
         }
+
+    def _with_step_counts(self, ctrl: dict[str, dict[str, torch.Tensor]], steps: int, i: int) -> dict:
+        """``ctrl`` plus AdamW's step counts ``t [N]`` (from 1) at step ``i`` of this epoch: the
+        host's from its episode epoch, a seed's from its age (it trains from the epoch after
+        it germinated). Device arithmetic only."""
+        out = {"host": {**ctrl["host"], "t": (self.epoch * steps + (i + 1)).float()}}
+        for slot in self.arch.slots:
+            age = (self.state["slots", slot, "seed_age"] - 1).clamp(min=0)
+            out[slot] = {**ctrl[slot], "t": (age * steps + (i + 1)).float()}
+        return out
 
     @torch.no_grad()
     def validate(self, keep_logits: bool = False) -> dict[str, torch.Tensor]:

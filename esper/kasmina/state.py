@@ -29,12 +29,13 @@ def init_seeds(
 
 
 def init_state(
-    arch: Architecture, keys: torch.Tensor, sample_shape: tuple[int, ...] | int, num_classes: int
+    arch: Architecture, keys: torch.Tensor, sample_shape: tuple[int, ...] | int, num_classes: int,
+    second_moments: bool = False,
 ) -> TensorDict:
     """Everything an env owns, with a leading env dimension ``[N]``.
 
     ``sample_shape`` is one input's shape (``(C, H, W)`` or ``(L,)``; an int is a CNN's
-    channel count)."""
+    channel count). ``second_moments`` adds AdamW's ``host_sq``/``seed_sq``."""
     n = keys.shape[0]
     shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
     params, buffers = arch.spec.init(keys, shape, num_classes)
@@ -50,6 +51,8 @@ def init_state(
             "seeds": seeds,
             "host_mom": host.apply(torch.zeros_like),
             "seed_mom": seeds.apply(torch.zeros_like),
+            **({"host_sq": host.apply(torch.zeros_like), "seed_sq": seeds.apply(torch.zeros_like)}
+               if second_moments else {}),
             "slots": TensorDict({s: new_slot_state(n, keys.device) for s in arch.slots}, batch_size=[n]),
         },
         batch_size=[n],

@@ -25,6 +25,15 @@ class StepHyper:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     max_grad_norm: float = 5.0
+    # "sgd": Nesterov SGD (the CNN hosts'). "adamw": Adam with decoupled weight decay, for
+    # transformer hosts, which SGD trains poorly (measured: README, language-model hosts).
+    optimizer: str = "sgd"
+    beta2: float = 0.99  # AdamW's second-moment decay (its first is ``momentum``)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of: sgd, adamw")
 
 
 # ``grad_stats`` also counts vanishing/exploding elements, which the step never reads (it uses
@@ -39,6 +48,27 @@ def _sgd_(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, lr: torch.Tensor,
     d = g + hp.weight_decay * p
     buf.mul_(hp.momentum).add_(d)
     p.sub_(lr_b * (d + hp.momentum * buf))
+
+
+def _adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+            t: torch.Tensor, hp: StepHyper) -> None:
+    """AdamW in place, bias-corrected by each env's own step count ``t [N]`` (>= 1)."""
+    shape = (-1, *([1] * (p.dim() - 1)))
+    b1, b2 = hp.momentum, hp.beta2
+    m.mul_(b1).add_((1 - b1) * g)
+    v.mul_(b2).add_((1 - b2) * g * g)
+    m_hat = m / (1 - b1 ** t).view(shape)
+    v_hat = v / (1 - b2 ** t).view(shape)
+    lr_b = lr.view(shape)
+    p.mul_(1 - lr_b * hp.weight_decay).sub_(lr_b * m_hat / (v_hat.sqrt() + hp.eps))
+
+
+def _update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor | None, lr: torch.Tensor,
+             t: torch.Tensor | None, hp: StepHyper) -> None:
+    if v is None or t is None:
+        _sgd_(p, g, m, lr, hp)
+    else:
+        _adamw_(p, g, m, v, lr, t, hp)
 
 
 def _scale(grads: Tensors, coef: torch.Tensor) -> Tensors:
@@ -58,6 +88,8 @@ def train_step(
     y: torch.Tensor,
     capture: frozenset[str] = frozenset(),
     plans: Plans | None = None,
+    host_sq: Tensors | None = None,
+    seed_sq: SeedParams | None = None,
 ) -> Tensors:
     """Train every env on its own minibatch ``x [N, B, ...]``, ``y [N, B, ...]``, in place.
 
@@ -65,6 +97,8 @@ def train_step(
     ``correct [N]`` (targets predicted right: images or tokens), host gradient norm ``[N]``
     and non-finite counts ``[N, L]`` (from the one
     ``grad_stats`` pass that also feeds clipping), and per-slot seed gradient norms ``[N, S]``.
+    With ``hp.optimizer == "adamw"``, ``host_sq``/``seed_sq`` hold the second moments and
+    ``ctrl["host"]["t"]``/``ctrl[slot]["t"]`` each env's step count for bias correction.
     ``capture`` (static: each set is its own graph; compiled batches use one set) may ask for the
     raw host gradients (``"grads"`` -> ``grad.<name>``) and block activations
     (``"activations"`` -> ``act.<i>``, ``[B, N, C, H, W]``) for telemetry.
@@ -92,8 +126,10 @@ def train_step(
     g_host = _scale(g_host, esper_kernels.clip_coefficients(stats.total_norm, hp.max_grad_norm))
     seed_norms = []
     with torch.no_grad():
+        adam = hp.optimizer == "adamw"
         for k in host_names:
-            _sgd_(params[k], g_host[k], host_mom[k], ctrl["host"]["lr"], hp)
+            _update_(params[k], g_host[k], host_mom[k], host_sq[k] if adam and host_sq else None,
+                     ctrl["host"]["lr"], ctrl["host"].get("t"), hp)
         for k, v in new_buffers.items():
             buffers[k].copy_(v)
         for slot in arch.slots:
@@ -104,7 +140,9 @@ def train_step(
             coef = esper_kernels.clip_coefficients(norm, hp.max_grad_norm)
             for bp_name, bp_grads in g_seeds[slot].items():
                 for k, g in _scale(bp_grads, coef).items():
-                    _sgd_(seeds[slot][bp_name][k], g, seed_mom[slot][bp_name][k], ctrl[slot]["lr"], hp)
+                    v = seed_sq[slot][bp_name][k] if adam and seed_sq else None
+                    _update_(seeds[slot][bp_name][k], g, seed_mom[slot][bp_name][k], v, ctrl[slot]["lr"],
+                             ctrl[slot].get("t"), hp)
     captured: Tensors = {}
     if "grads" in capture:
         captured.update({f"grad.{k}": raw_host[k] for k in host_names})

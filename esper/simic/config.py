@@ -80,8 +80,11 @@ class KasminaSection(_Strict):
     val_batch_size: int = Field(512, ge=1)
     host_lr: float = Field(0.05, gt=0.0)
     seed_lr: float = Field(0.05, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum, or AdamW's beta1")
     weight_decay: float = Field(5e-4, ge=0.0)
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="host and seed optimizer: Nesterov SGD, or AdamW (transformer hosts)")
+    beta2: float = Field(0.99, ge=0.0, lt=1.0, description="AdamW's second-moment decay")
     max_grad_norm: float = Field(5.0, gt=0.0)
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="host lr over each episode: constant, or cosine decay to lr_min_frac"
@@ -377,6 +380,38 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reward": {"rent": 0.04},
         "ppo": {"lr": 5e-4, "gamma": 0.99, "gae_lambda": 0.95, "epochs": 4, "minibatch_envs": 4,
                 "hidden_size": 64, "lstm_hidden_size": 64, "rounds": 3},
+    },
+    # Language modelling on the embedded grammar corpus (no files): a one-block transformer
+    # grown with MLP blocks, attention heads and LoRA attention. AdamW, not SGD: SGD left
+    # transformer hosts far behind and unstable (README, language-model hosts). Entropy and
+    # plateau settings follow the reference's TinyStories row (seed 002): entropy half the
+    # default, plateau threshold 0.3 instead of 0.5.
+    "lm": {
+        "task": {"name": "grammar", "seq_len": 32, "train_size": 2048, "val_size": 256, "test_size": 1024},
+        "kasmina": {"host": "lm_small", "batch_size": 32, "val_batch_size": 256, "optimizer": "adamw",
+                    "host_lr": 0.003, "seed_lr": 0.003, "weight_decay": 0.01,
+                    "gates": {"min_training_epochs": 1, "shadow_epochs": 0, "min_probation_epochs": 0}},
+        "episode": {"length": 15, "envs": 8},
+        "heuristic": {"warmup_epochs": 1, "plateau_epochs": 1, "plateau_delta": 100.0, "max_seeds": 3,
+                      "drop_threshold": 3.0, "probation_patience": 2, "fossilize_threshold": 0.0},
+        "fixed": {"blueprint": "mlp", "epochs": [1, 4, 7]},
+        "features": {"plateau_delta": 0.3},
+        "ppo": {"entropy_coef": {"op": 0.005, "slot": 0.0025, "blueprint": 0.0025, "tempo": 0.001},
+                "hidden_size": 64, "lstm_hidden_size": 64, "rounds": 3},
+    },
+    # TinyStories (a local copy: task.data_dir names the file or its folder; nothing is
+    # downloaded), byte-level, 128-byte windows.
+    "tinystories": {
+        "task": {"name": "tinystories", "seq_len": 128, "train_size": None, "val_size": 512, "test_size": 512},
+        "kasmina": {"host": "lm_base", "batch_size": 32, "val_batch_size": 128, "optimizer": "adamw",
+                    "host_lr": 0.002, "seed_lr": 0.002, "weight_decay": 0.01,
+                    "gates": {"min_training_epochs": 1, "shadow_epochs": 0, "min_probation_epochs": 0}},
+        "episode": {"length": 10, "envs": 8},
+        "heuristic": {"warmup_epochs": 1, "plateau_epochs": 1, "plateau_delta": 100.0, "max_seeds": 3,
+                      "drop_threshold": 3.0, "probation_patience": 2, "fossilize_threshold": 0.0},
+        "fixed": {"blueprint": "mlp", "epochs": [1, 3, 5]},
+        "features": {"plateau_delta": 0.3},
+        "ppo": {"entropy_coef": {"op": 0.005, "slot": 0.0025, "blueprint": 0.0025, "tempo": 0.001}},
     },
     "cifar10": {
         "task": {"name": "cifar10", "train_size": None, "val_size": 5000, "test_size": None},

@@ -57,7 +57,7 @@ def kasmina_config(cfg: TrainingConfig) -> KasminaConfig:
         val_batch_size=k.val_batch_size,
         seed_lr=k.seed_lr,
         step=StepHyper(host_lr=k.host_lr, momentum=k.momentum, weight_decay=k.weight_decay,
-                       max_grad_norm=k.max_grad_norm),
+                       max_grad_norm=k.max_grad_norm, optimizer=k.optimizer, beta2=k.beta2),
         gates=k.gates,
         compile=cfg.compile,
         lr_horizon=cfg.episode.length if k.lr_schedule == "cosine" else 0,

@@ -96,7 +96,8 @@ class _Grammar:
     def __init__(self, seed: int) -> None:
         r = random.Random(seed)
         self.r = r
-        nouns = list(range(_N))
+        self.all_nouns = list(range(_N))
+        nouns = self.all_nouns.copy()
         r.shuffle(nouns)
         per = _N // _TOPICS
         self.topic_nouns = [nouns[t * per : (t + 1) * per] for t in range(_TOPICS)]
@@ -122,12 +123,12 @@ class _Grammar:
         self.noun_adjs = [r.sample(range(len(ADJECTIVES)), 2) for _ in range(_N)]
         # Rule probabilities vary with the seed within ranges that keep the text varied.
         self.p_plural = r.uniform(0.4, 0.5)
-        self.p_adj = r.uniform(0.1, 0.2)
+        self.p_adj = r.uniform(0.05, 0.15)
         self.p_pp = r.uniform(0.15, 0.25)
-        self.p_rc = r.uniform(0.35, 0.5)
+        self.p_rc = r.uniform(0.45, 0.6)
         self.p_obj_rc = r.uniform(0.35, 0.55)
-        self.p_and = r.uniform(0.3, 0.4)
-        self.p_topic = r.uniform(0.85, 0.95)
+        self.p_and = r.uniform(0.45, 0.55)
+        self.p_topic = r.uniform(0.92, 0.97)
         self.p_place = r.uniform(0.05, 0.15)
 
     # ---------------------------------------------------------------- helpers
@@ -158,7 +159,7 @@ class _Grammar:
         u = r.random()
         if u < self.p_pp:
             out.append(_ID[r.choice(PREPOSITIONS)])
-            self._np(out, self._noun(list(range(_N)), topic), self._plural(), depth + 1, topic)
+            self._np(out, self._noun(self.all_nouns, topic), self._plural(), depth + 1, topic)
         elif u < self.p_pp + self.p_rc * (0.6 if depth else 1.0):
             self._relative(out, noun, plural, depth, topic)
 
@@ -202,10 +203,7 @@ class _Grammar:
             if owned in objs and r.random() < 0.4:
                 out.extend((_ID["her" if female else "his"], _NOUN_ID[owned][0]))
                 return
-        if depth >= _MAX_DEPTH:
-            out.extend((_ID["the"], _NOUN_ID[self._noun(objs, topic)][self._plural()]))
-        else:
-            self._np(out, self._noun(objs, topic), self._plural(), depth, topic)
+        self._np(out, self._noun(objs, topic), self._plural(), depth, topic)
 
     # ---------------------------------------------------------------- stories
 
@@ -239,7 +237,7 @@ class _Grammar:
             subj, plural, sub_hero = owned, 0, hero
             out.extend((_ID["her" if female else "his"], _NOUN_ID[owned][0]))
         else:
-            subj, plural, sub_hero = self._noun(list(range(_N)), topic), self._plural(), hero
+            subj, plural, sub_hero = self._noun(self.all_nouns, topic), self._plural(), hero
             self._np(out, subj, plural, 0, topic)
         self._vp(out, subj, plural, 1, topic, sub_hero)
         if r.random() < self.p_and:
@@ -260,7 +258,7 @@ class _Grammar:
 def make_grammar_task(
     *,
     seed: int = 0,
-    seq_len: int = 32,
+    seq_len: int = 64,
     train_size: int = 2048,
     val_size: int = 512,
     test_size: int = 1024,
