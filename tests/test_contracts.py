@@ -91,7 +91,7 @@ def test_dead_surface_is_gone() -> None:
     assert "gate" not in {k.value for k in EventKind}
     assert not hasattr(BlueprintAnalytics, "record_many")
     fields = {f.name for f in dataclasses.fields(StepHyper)}
-    assert fields == {"host_lr", "momentum", "weight_decay", "max_grad_norm"}
+    assert fields == {"host_lr", "momentum", "weight_decay", "max_grad_norm", "optimizer", "beta2", "eps"}
 
 
 def _blend_curve(lc: Lifecycle, tempo_index: int = 2) -> list[float]:

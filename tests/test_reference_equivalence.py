@@ -6,7 +6,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from esper.kasmina.blueprints import BLUEPRINTS
+from esper.kasmina.blueprints import family_blueprints
 from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
 from esper.kasmina.gates import GateConfig
 from esper.kasmina.reference import ReferenceHost
@@ -15,7 +15,7 @@ from esper.kasmina.step import train_step
 from esper.leyline import Op, SeedStage
 
 S = SeedStage
-BP_NAMES = list(BLUEPRINTS)
+BP_NAMES = family_blueprints("cnn")
 
 
 @pytest.fixture(scope="module")

@@ -152,12 +152,15 @@ class RoundStats:
     reward_components: dict[str, float] = field(default_factory=dict)
     anomalies: list[str] = field(default_factory=list)
     rolled_back: str | None = None  # why this round's update was undone (policy_divergence)
+    test_perplexity: float | None = None  # language-model tasks: mean over hosts of exp(test loss)
 
     def line(self) -> str:
         ops = " ".join(f"{o.name[:4].lower()}={f:.2f}" for o, f in zip(Op, self.op_freq, strict=True))
         ent = " ".join(f"{h}={v:.2f}" for h, v in self.entropy.items())
         return (
-            f"round {self.round:3d}  return {self.mean_return:+.3f}  test {self.test_acc:5.2f}  "
+            f"round {self.round:3d}  return {self.mean_return:+.3f}  "
+            + (f"test ppl {self.test_perplexity:.3f}  " if self.test_perplexity is not None else "")
+            + f"test {self.test_acc:5.2f}  "
             f"val {self.final_val_acc:5.2f}  fossil {self.fossilized:.2f}  params+ {self.params_added:.0f}  "
             f"ops[{ops}] ok={self.accepted:.2f}  kl {self.kl:.4f}  "
             f"clip {self.clip_fraction:.3f}  H[{ent}]  EV {self.explained_variance:+.2f}  "
@@ -453,6 +456,8 @@ class PPOTrainer:
             round=self.round,
             mean_return=mean("total_reward"),
             test_acc=mean("test_acc"),
+            test_perplexity=(float(np.mean([np.exp(s.test_loss) for s in summaries])) if summaries else float("nan"))
+            if self.cfg.task.family == "lm" else None,
             final_val_acc=mean("final_val_acc"),
             fossilized=mean("fossilized"),
             params_added=mean("params_added"),
