@@ -199,9 +199,12 @@ def test_layout_round_trip() -> None:
 
 def test_hosts_and_blueprints_must_fit_the_task() -> None:
     with pytest.raises(ConfigError, match=r"kasmina.host 'shallow' cannot run task 'grammar'.*lm_small"):
-        TrainingConfig.from_dict({"task": {"name": "grammar"}})
+        TrainingConfig.from_dict({"task": {"name": "grammar"}}).check_host()
     with pytest.raises(ConfigError, match=r"cannot run task 'synthetic'"):
-        TrainingConfig.from_dict({"kasmina": {"host": "lm_small"}})
+        TrainingConfig.from_dict({"kasmina": {"host": "lm_small"}}).check_host()
+    with pytest.raises(ValueError, match=r"host 'shallow' is a cnn host; task 'grammar' needs a lm host"):
+        MorphogeneticBatch(make_grammar_task(seq_len=4, train_size=4, val_size=4, test_size=4), 1,
+                           KasminaConfig(host="shallow"))
     with pytest.raises(ConfigError, match=r"blueprints \['conv_light'\] do not fit host 'lm_small'.*'mlp'"):
         TrainingConfig.from_dict({"task": {"name": "grammar"}, "kasmina": {"host": "lm_small",
                                                                          "blueprints": ["conv_light"]}})

@@ -76,6 +76,9 @@ class MorphogeneticBatch:
         self.device = task.device
         self.n = n_envs
         spec = host_spec(cfg.host)
+        family = "lm" if task.label_shape else "cnn"  # a target per token, or one per image
+        if spec.family != family:
+            raise ValueError(f"host {cfg.host!r} is a {spec.family} host; task {task.name!r} needs a {family} host")
         self.arch = Architecture(
             spec=spec,
             slots=ordered_slots(cfg.slots),

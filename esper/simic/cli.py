@@ -84,7 +84,7 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
         top["compile"] = True
     if args.run_dir:
         top["run_dir"] = args.run_dir
-    cfg = TrainingConfig.from_dict(merge_config(data, {**flags, **top}), "command line")
+    cfg = TrainingConfig.from_dict(merge_config(data, {**flags, **top}), "command line").check_host()
     if cfg.ppo.minibatch_envs > cfg.episode.envs:
         cfg = cfg.updated(ppo={"minibatch_envs": cfg.episode.envs})
     return cfg

@@ -230,23 +230,25 @@ class TrainingConfig(_Strict):
     run_dir: str = "runs/latest"
 
     @model_validator(mode="after")
-    def _host_fits_task(self) -> TrainingConfig:
-        """An image host cannot read tokens, nor a transformer images: refused before any work."""
-        from esper.kasmina.hosts import HOST_PRESETS
-
-        need = self.task.family
-        if HOST_PRESETS[self.kasmina.host].family != need:
-            fits = sorted(n for n, h in HOST_PRESETS.items() if h.family == need)
-            raise ValueError(f"kasmina.host {self.kasmina.host!r} cannot run task {self.task.name!r} "
-                             f"({need} task); allowed hosts: {fits}")
-        return self
-
-    @model_validator(mode="after")
     def _finite(self) -> TrainingConfig:
         """Non-finite numbers (inf, nan) are refused anywhere in the tree."""
         bad = [k for k, v in _leaves(self.model_dump()) if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise ValueError(f"non-finite values are not allowed: {', '.join(bad)}")
+        return self
+
+    def check_host(self) -> TrainingConfig:
+        """An image host cannot read tokens, nor a transformer images: refused before any work.
+
+        Not a field validator: a config file may set the host and leave the task to the preset
+        it is applied over, so this runs on the merged config (``simic.cli.build_config``)."""
+        from esper.kasmina.hosts import HOST_PRESETS
+
+        need = self.task.family
+        if HOST_PRESETS[self.kasmina.host].family != need:
+            fits = sorted(n for n, h in HOST_PRESETS.items() if h.family == need)
+            raise ConfigError(f"kasmina.host {self.kasmina.host!r} cannot run task {self.task.name!r} "
+                              f"({need} task); allowed hosts: {fits}")
         return self
 
     def check_for(self, policy: str) -> TrainingConfig:
@@ -402,7 +404,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # TinyStories (a local copy: task.data_dir names the file or its folder; nothing is
     # downloaded), byte-level, 128-byte windows.
     "tinystories": {
-        "task": {"name": "tinystories", "seq_len": 128, "train_size": None, "val_size": 512, "test_size": 512},
+        # 16k windows (2 MB of text) per epoch: the whole 1.9 GB training file is too much for an
+        # episode of epochs; set task.train_size null for all of it.
+        "task": {"name": "tinystories", "seq_len": 128, "train_size": 16384, "val_size": 512, "test_size": 512},
         "kasmina": {"host": "lm_base", "batch_size": 32, "val_batch_size": 128, "optimizer": "adamw",
                     "host_lr": 0.002, "seed_lr": 0.002, "weight_decay": 0.01,
                     "gates": {"min_training_epochs": 1, "shadow_epochs": 0, "min_probation_epochs": 0}},

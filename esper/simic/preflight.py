@@ -160,7 +160,16 @@ def check_port_free(port: int) -> None:
 
 
 def check_task_data(cfg: Any) -> None:
-    """A CIFAR-10 directory is read and validated now (every file), not after a model is built."""
+    """A CIFAR-10 directory is read and validated now (every file), not after a model is built;
+    TinyStories' story files are found now."""
+    if cfg.task.name == "tinystories":
+        from esper.tasks.tinystories import find_tinystories_files
+
+        try:
+            find_tinystories_files(cfg.task.data_dir)
+        except (FileNotFoundError, ValueError, OSError) as err:
+            raise UsageError(str(err), "task.data_dir", "a TinyStories file, or a folder holding them") from None
+        return
     if cfg.task.name != "cifar10":
         return
     from esper.tasks.cifar import TEST_FILE, TRAIN_FILES, find_cifar_dir, read_cifar_batch

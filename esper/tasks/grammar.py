@@ -183,27 +183,29 @@ class _Grammar:
 
     def _vp(
         self, out: list[int], subj: int, plural: int, depth: int, topic: int,
-        hero: tuple[int, int, int] | None,
-    ) -> None:
-        """A verb the subject class takes, agreeing in number, plus an object if transitive.
+        hero: tuple[int, int, int] | None, exclude: int = -1,
+    ) -> int:
+        """A verb the subject class takes (not `exclude`), agreeing in number, plus an object
+        if transitive; returns the verb.
 
         `hero` is (female, name id, owned noun) when the story's protagonist may be the object.
         """
         r = self.r
-        v = r.choice(self.subj_verbs[subj])
+        v = r.choice([u for u in self.subj_verbs[subj] if u != exclude] or self.subj_verbs[subj])
         out.append(_VERB_ID[v][plural])
         if not self.transitive[v]:
-            return
+            return v
         objs = self.obj_nouns[v]
         if hero is not None and subj != _PERSON:
             female, name, owned = hero
             if self.takes_person[v] and r.random() < 0.3:
                 out.append(name if r.random() < 0.5 else _ID["her" if female else "him"])
-                return
+                return v
             if owned in objs and r.random() < 0.4:
                 out.extend((_ID["her" if female else "his"], _NOUN_ID[owned][0]))
-                return
+                return v
         self._np(out, self._noun(objs, topic), self._plural(), depth, topic)
+        return v
 
     # ---------------------------------------------------------------- stories
 
@@ -239,10 +241,10 @@ class _Grammar:
         else:
             subj, plural, sub_hero = self._noun(self.all_nouns, topic), self._plural(), hero
             self._np(out, subj, plural, 0, topic)
-        self._vp(out, subj, plural, 1, topic, sub_hero)
-        if r.random() < self.p_and:
+        first = self._vp(out, subj, plural, 1, topic, sub_hero)
+        if r.random() < self.p_and:  # "and" + the subject's other verb
             out.append(_ID["and"])
-            self._vp(out, subj, plural, 1, topic, sub_hero)
+            self._vp(out, subj, plural, 1, topic, sub_hero, exclude=first)
         if r.random() < self.p_place:
             out.extend((_ID["in"], _ID["the"], _ID[PLACES[topic]]))
         out.append(_ID["."])

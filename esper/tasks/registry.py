@@ -10,12 +10,14 @@ from esper.tasks.cifar import load_cifar10
 from esper.tasks.grammar import make_grammar_task
 from esper.tasks.sequence import SequenceTask
 from esper.tasks.synthetic import make_synthetic_task
+from esper.tasks.tinystories import load_tinystories
 
 DEFAULT_TASK = "synthetic"
 TASKS: dict[str, Callable[..., TaskData | SequenceTask]] = {
     "synthetic": make_synthetic_task,
     "cifar10": load_cifar10,
     "grammar": make_grammar_task,
+    "tinystories": load_tinystories,
 }
 
 
