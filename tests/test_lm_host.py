@@ -23,7 +23,7 @@ from esper.simic.config import ConfigError, TrainingConfig
 from esper.tasks.grammar import make_grammar_task
 
 S = SeedStage
-LM = tuple(b for b in family_blueprints("lm") if b != "noop")  # mlp, head, lora
+LM = tuple(b for b in family_blueprints("lm") if b != "noop")  # mlp, head, block, lora
 SEQ, VOCAB = 12, 115
 
 
@@ -63,9 +63,9 @@ def _tokens(n: int, b: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, VOCAB, (n, b, SEQ), generator=g)
 
 
-PLAN = [  # per epoch: ops, slots, blueprints (indices into noop, mlp, head, lora) of 4 envs
+PLAN = [  # per epoch: ops, slots, blueprints (indices into noop, mlp, head, block, lora) of 4 envs
     ([Op.GERMINATE, Op.WAIT, Op.GERMINATE, Op.GERMINATE], [1, 0, 0, 2], [1, 0, 2, 3]),
-    ([Op.WAIT, Op.GERMINATE, Op.ADVANCE, Op.WAIT], [0, 1, 0, 0], [0, 3, 0, 0]),
+    ([Op.WAIT, Op.GERMINATE, Op.ADVANCE, Op.WAIT], [0, 1, 0, 0], [0, 4, 0, 0]),
     ([Op.ADVANCE, Op.WAIT, Op.WAIT, Op.CULL], [1, 0, 0, 2], [0, 0, 0, 0]),
     ([Op.WAIT, Op.ADVANCE, Op.WAIT, Op.WAIT], [0, 1, 0, 0], [0, 0, 0, 0]),
 ]
@@ -111,7 +111,7 @@ def test_scores_are_per_token(task) -> None:
 
 def test_host_gradients_identical_with_training_seeds() -> None:
     """Isolation: TRAINING seeds of every LM blueprint never change the host's update."""
-    n = 3
+    n = len(LM)
     arch = _arch(n)
     x, y = _tokens(n)
     results = []
@@ -119,10 +119,10 @@ def test_host_gradients_identical_with_training_seeds() -> None:
         state = init_state(arch, torch.arange(n), (SEQ,), VOCAB)
         _randomize_seeds(state)
         if with_seed:
-            for slot in arch.slots:
+            for k, slot in enumerate(arch.slots):
                 st = state["slots", slot]
                 st["stage"] = torch.full((n,), int(S.TRAINING))
-                st["blueprint"] = torch.tensor([arch.blueprints.index(BLUEPRINTS[b]) for b in LM])
+                st["blueprint"] = torch.tensor([arch.blueprints.index(BLUEPRINTS[LM[(i + k) % n]]) for i in range(n)])
         d = as_dicts(state)
         out = train_step(arch, StepHyper(), d["host"], d["buffers"], d["seeds"], d["host_mom"], d["seed_mom"],
                          _controls(arch, state), x, y)
@@ -160,7 +160,7 @@ def test_germinated_seeds_leave_the_model_unchanged_and_blending_changes_it() ->
         st = state["slots", slot]
         st["stage"] = torch.full((n,), int(S.BLENDING))
         st["alpha"] = torch.full((n,), 0.5)
-        st["blueprint"] = torch.full((n,), arch.blueprints.index(BLUEPRINTS[LM[k]]))
+        st["blueprint"] = torch.tensor([arch.blueprints.index(BLUEPRINTS[LM[(i + k) % len(LM)]]) for i in range(n)])
     fresh, _ = forward_train(arch, d["host"], d["buffers"], d["seeds"], _controls(arch, state), x)
     torch.testing.assert_close(fresh, before, rtol=0, atol=0)  # zero-initialized outputs: exact identity
     _randomize_seeds(state)
@@ -178,7 +178,7 @@ def test_no_position_reads_a_later_token() -> None:
         st = state["slots", slot]
         st["stage"] = torch.full((n,), int(S.BLENDING))
         st["alpha"] = torch.full((n,), 1.0)
-        st["blueprint"] = torch.full((n,), arch.blueprints.index(BLUEPRINTS[LM[k]]))
+        st["blueprint"] = torch.tensor([arch.blueprints.index(BLUEPRINTS[LM[(i + k) % len(LM)]]) for i in range(n)])
     d = as_dicts(state)
     x, _ = _tokens(n)
     t = 7

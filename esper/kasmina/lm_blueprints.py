@@ -102,6 +102,50 @@ register_blueprint(
 )
 
 
+# ----------------------------------------------------------------------------- block
+BLOCK_HEADS = 2
+
+
+def _block_init(keys: torch.Tensor, d: int) -> Params:
+    n, dev = keys.shape[0], keys.device
+    m = _mlp_hidden(d)
+    return {
+        **_ln_params(keys, d),
+        "qkv": layers.init_weight(keys, (1,), (d, 3 * d), d),
+        "proj": _zeros(keys, d, d),
+        "ln2_w": torch.ones(n, d, device=dev),
+        "ln2_b": _zeros(keys, d),
+        "fc": layers.init_weight(keys, (2,), (d, m), d),
+        "fc_b": _zeros(keys, m),
+        "out": _zeros(keys, m, d),
+        "out_b": _zeros(keys, d),
+    }
+
+
+def _block_delta(p: Params, x: torch.Tensor, n: int) -> torch.Tensor:
+    t, a = _normed(p, x, n)
+    q, k, v = linear(a, p["qkv"]).chunk(3, dim=-1)
+    u = t + linear(causal_attention(q, k, v, heads=BLOCK_HEADS if t.shape[-1] % BLOCK_HEADS == 0 else 1), p["proj"])
+    m = F.gelu(linear(layer_norm(u, p["ln2_w"], p["ln2_b"]), p["fc"], p["fc_b"]))
+    return to_grouped(u + linear(m, p["out"], p["out_b"]) - t)
+
+
+# block: a whole pre-LayerNorm transformer block (2-head causal attention, then a D x 2D MLP),
+# both output projections starting at zero: depth, which is what a one-block host lacks most
+# (bench/lm_capacity_ref.py: four blocks at the small width close most of the gap to a host
+# 12x larger, README).
+register_blueprint(
+    Blueprint(
+        name="block",
+        init=_block_init,
+        delta=_block_delta,
+        param_count=lambda d: 4 * d + 4 * d * d + 2 * d * _mlp_hidden(d) + _mlp_hidden(d) + d,
+        macs=lambda d, seq: (4 * d * d + 2 * d * _mlp_hidden(d) + 6 * d) * seq + d * seq * (seq + 1),
+        family="lm",
+    )
+)
+
+
 # ----------------------------------------------------------------------------- lora
 def _lora_init(keys: torch.Tensor, d: int) -> Params:
     r = LORA_RANK

@@ -32,7 +32,7 @@ class TaskConfig(_Strict):
     test_size: int | None = Field(1024, ge=1, description="held-out samples results are reported on")
     image_size: int = Field(16, ge=5, description="synthetic only")
     num_classes: int = Field(10, ge=2, description="synthetic only")
-    seq_len: int = Field(32, ge=2, description="grammar/tinystories: tokens per sample (window)")
+    seq_len: int = Field(64, ge=2, description="grammar/tinystories: tokens per sample (window)")
     seed: int = Field(0, ge=0, description="synthetic/grammar data seed (a grammar seed is a different task)")
     data_dir: str = "data"
     download: bool = False
@@ -389,14 +389,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # plateau settings follow the reference's TinyStories row (seed 002): entropy half the
     # default, plateau threshold 0.3 instead of 0.5.
     "lm": {
-        "task": {"name": "grammar", "seq_len": 32, "train_size": 2048, "val_size": 256, "test_size": 1024},
+        "task": {"name": "grammar", "seq_len": 64, "train_size": 2048, "val_size": 256, "test_size": 1024},
         "kasmina": {"host": "lm_small", "batch_size": 32, "val_batch_size": 256, "optimizer": "adamw",
                     "host_lr": 0.003, "seed_lr": 0.003, "weight_decay": 0.01,
                     "gates": {"min_training_epochs": 1, "shadow_epochs": 0, "min_probation_epochs": 0}},
-        "episode": {"length": 15, "envs": 8},
+        "episode": {"length": 20, "envs": 8},
         "heuristic": {"warmup_epochs": 1, "plateau_epochs": 1, "plateau_delta": 100.0, "max_seeds": 3,
                       "drop_threshold": 3.0, "probation_patience": 2, "fossilize_threshold": 0.0},
-        "fixed": {"blueprint": "mlp", "epochs": [1, 4, 7]},
+        "fixed": {"blueprint": "block", "epochs": [1, 4, 7]},
         "features": {"plateau_delta": 0.3},
         "ppo": {"entropy_coef": {"op": 0.005, "slot": 0.0025, "blueprint": 0.0025, "tempo": 0.001},
                 "hidden_size": 64, "lstm_hidden_size": 64, "rounds": 3},
@@ -413,7 +413,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "episode": {"length": 10, "envs": 8},
         "heuristic": {"warmup_epochs": 1, "plateau_epochs": 1, "plateau_delta": 100.0, "max_seeds": 3,
                       "drop_threshold": 3.0, "probation_patience": 2, "fossilize_threshold": 0.0},
-        "fixed": {"blueprint": "mlp", "epochs": [1, 3, 5]},
+        "fixed": {"blueprint": "block", "epochs": [1, 3, 5]},
         "features": {"plateau_delta": 0.3},
         "ppo": {"entropy_coef": {"op": 0.005, "slot": 0.0025, "blueprint": 0.0025, "tempo": 0.001}},
     },

@@ -31,10 +31,11 @@ S = SeedStage
 # Default order the heuristic tries blueprints in: capacity first (conv_light was the reference
 # system's best performer; on the embedded task residual convs keep paying: a one-block host
 # trained from scratch gains 14 points with one and 18 with three), then the cheaper ones.
-# Transformer hosts (their own blueprint family): the MLP block first, then a head, then LoRA.
+# Transformer hosts (their own blueprint family): a whole block first (depth is what a one-block
+# host lacks), then the MLP, a head, LoRA.
 DEFAULT_ROTATION: tuple[str, ...] = (
     "conv_light", "conv_heavy", "depthwise", "bottleneck", "attention", "conv_small", "norm",
-    "mlp", "head", "lora",
+    "block", "mlp", "head", "lora",
 )
 
 
