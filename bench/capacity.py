@@ -51,11 +51,16 @@ def run(host: str, envs: int, epochs: int, task_seed: int, seed: int, device: st
 
 
 def run_preset(preset: str, host: str, envs: int, epochs: int, task_seed: int, seed: int,
-               device: str) -> dict[str, float]:
-    """One static host on a preset's task and training settings (its host swapped)."""
+               device: str, optimizer: str | None = None, lr: float | None = None) -> dict[str, float]:
+    """One static host on a preset's task and training settings (its host, and optionally its
+    optimizer and learning rate, swapped)."""
     cfg = TrainingConfig.preset(preset)
-    cfg = cfg.updated(task={"seed": task_seed}, kasmina={"host": host, "blueprints": ["noop"]},
-                      episode={"length": epochs})
+    kasmina: dict[str, object] = {"host": host, "blueprints": ["noop"]}
+    if optimizer:
+        kasmina["optimizer"] = optimizer
+    if lr:
+        kasmina["host_lr"] = lr
+    cfg = cfg.updated(task={"seed": task_seed}, kasmina=kasmina, episode={"length": epochs})
     task = load_config_task(cfg, device)
     batch = MorphogeneticBatch(task, envs, kasmina_config(cfg), base_seed=seed)
     wait = TensorDict({k: torch.zeros(envs, dtype=torch.long, device=device) for k in ("op", "slot", "blueprint", "tempo")},
@@ -67,6 +72,8 @@ def run_preset(preset: str, host: str, envs: int, epochs: int, task_seed: int, s
     test = signals["test_acc"].cpu()
     return {
         "host": host,
+        "optimizer": cfg.kasmina.optimizer,
+        "lr": cfg.kasmina.host_lr,
         "params": int(batch.host_params),
         "test_ppl_mean": float(ppl.mean()),
         "test_ppl_std": float(ppl.std()) if envs > 1 else 0.0,
@@ -87,12 +94,14 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--preset", help="measure on this training preset's task and settings (e.g. lm)")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], help="with --preset: replace its optimizer")
+    parser.add_argument("--lr", type=float, help="with --preset: replace its host learning rate")
     args = parser.parse_args()
     if args.preset:
-        rows = [run_preset(args.preset, h, args.envs, args.epochs, args.task_seed, args.seed, args.device)
-                for h in args.hosts.split(",")]
+        rows = [run_preset(args.preset, h, args.envs, args.epochs, args.task_seed, args.seed, args.device,
+                           args.optimizer, args.lr) for h in args.hosts.split(",")]
         for r in rows:
-            print(f"{r['host']:>10}  params {r['params']:>7}  test ppl {r['test_ppl_mean']:.3f} ± {r['test_ppl_std']:.3f}  "
+            print(f"{r['host']:>10}  {r['optimizer']} lr {r['lr']:g}  params {r['params']:>7}  test ppl {r['test_ppl_mean']:.3f} ± {r['test_ppl_std']:.3f}  "
                   f"test next-token acc {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}  ({r['seconds']:.0f} s)")
         print(json.dumps(rows))
         return

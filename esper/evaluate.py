@@ -1,7 +1,8 @@
 """``python -m esper.evaluate``: compare controllers on identical hosts, side by side.
 
 Scores are test accuracy (the held-out split no controller, gate or reward reads), beside the
-final validation accuracy the controllers decided from. Use ``--task-seed`` for data no
+final validation accuracy the controllers decided from; on language-model tasks also test
+perplexity, and accuracy is next-token accuracy. Use ``--task-seed`` for data no
 threshold was tuned on.
 """
 

@@ -105,9 +105,11 @@ HOST_PRESETS: dict[str, HostSpec | TransformerSpec] = {
 
 # Transformer hosts for the language-model tasks. ``lm_small`` is one narrow block with a
 # thin MLP, its three slots stacked after it (short of depth and MLP width, which seeds add);
+# ``lm_deep`` is lm_small's width with four blocks (what three block seeds could grow it into);
 # ``lm_large`` is the several-times-larger host the capacity gap is measured against.
 HOST_PRESETS.update({
-    "lm_small": TransformerSpec("lm_small", d_model=32, num_blocks=1, heads=2, mlp_hidden=32, slot_after=(0, 0, 0)),
+    "lm_small": TransformerSpec("lm_small", d_model=16, num_blocks=1, heads=1, mlp_hidden=16, slot_after=(0, 0, 0)),
+    "lm_deep": TransformerSpec("lm_deep", d_model=16, num_blocks=4, heads=1, mlp_hidden=16, slot_after=(1, 2, 3)),
     "lm_base": TransformerSpec("lm_base", d_model=64, num_blocks=2, heads=4, mlp_hidden=128, slot_after=(0, 1, 1)),
     "lm_large": TransformerSpec("lm_large", d_model=64, num_blocks=4, heads=4, mlp_hidden=256, slot_after=(1, 2, 3)),
 })

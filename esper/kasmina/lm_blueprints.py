@@ -21,7 +21,7 @@ LORA_RANK = 4
 
 
 def _mlp_hidden(d: int) -> int:
-    return 2 * d
+    return 4 * d
 
 
 def _head_dim(d: int) -> int:
@@ -60,7 +60,7 @@ def _mlp_delta(p: Params, x: torch.Tensor, n: int) -> torch.Tensor:
     return to_grouped(linear(F.gelu(linear(a, p["fc"], p["fc_b"])), p["out"], p["out_b"]))
 
 
-# mlp: LayerNorm -> D x 2D -> GELU -> 2D x D, the output layer starting at zero.
+# mlp: LayerNorm -> D x 4D -> GELU -> 4D x D, the output layer starting at zero.
 register_blueprint(
     Blueprint(
         name="mlp",
@@ -130,7 +130,7 @@ def _block_delta(p: Params, x: torch.Tensor, n: int) -> torch.Tensor:
     return to_grouped(u + linear(m, p["out"], p["out_b"]) - t)
 
 
-# block: a whole pre-LayerNorm transformer block (2-head causal attention, then a D x 2D MLP),
+# block: a whole pre-LayerNorm transformer block (2-head causal attention, then a D x 4D MLP),
 # both output projections starting at zero: depth, which is what a one-block host lacks most
 # (bench/lm_capacity_ref.py: four blocks at the small width close most of the gap to a host
 # 12x larger, README).
