@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,67 @@ def crop_flip(x: Tensor, padding: int, oy: Tensor, ox: Tensor, flip: Tensor) -> 
 
 
 @dataclass(frozen=True, eq=False)
-class TaskData:
+class TaskSplits:
+    """The three splits' tensors and the accessors every task shares: image classification
+    (:class:`TaskData`) and next-token prediction (``SequenceTask``) add their own fields."""
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+    def splits(self) -> tuple[tuple[str, Tensor, Tensor], ...]:
+        """``(name, x, y)`` of the train, val and test splits, in that order."""
+        return (
+            ("train", self.train_x, self.train_y),
+            ("val", self.val_x, self.val_y),
+            ("test", self.test_x, self.test_y),
+        )
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` of split ``name`` (train, val or test)."""
+        for split, x, y in self.splits():
+            if split == name:
+                return x, y
+        raise ValueError(f"{self.name}: unknown split {name!r}; allowed: train, val, test")
+
+    @property
+    def train_size(self) -> int:
+        return int(self.train_x.shape[0])
+
+    @property
+    def val_size(self) -> int:
+        return int(self.val_x.shape[0])
+
+    @property
+    def test_size(self) -> int:
+        return int(self.test_x.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    def to(self, device: torch.device | str) -> Self:
+        """The same task with every tensor moved to `device`."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return dataclasses.replace(
+            self,
+            train_x=self.train_x.to(device),
+            train_y=self.train_y.to(device),
+            val_x=self.val_x.to(device),
+            val_y=self.val_y.to(device),
+            test_x=self.test_x.to(device),
+            test_y=self.test_y.to(device),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class TaskData(TaskSplits):
     """An image-classification task resident on one device.
 
     Three splits: `train` (what hosts fit), `val` (what controllers, gates and rewards decide
@@ -53,13 +114,6 @@ class TaskData:
     every env is scored on the same images.
     """
 
-    name: str
-    train_x: Tensor
-    train_y: Tensor
-    val_x: Tensor
-    val_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
     num_classes: int
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -99,21 +153,6 @@ class TaskData:
             object.__setattr__(self, "_mean_t", torch.tensor(self.mean, device=dev).view(c, 1, 1))
             object.__setattr__(self, "_std_t", torch.tensor(self.std, device=dev).view(c, 1, 1))
 
-    def splits(self) -> tuple[tuple[str, Tensor, Tensor], ...]:
-        """``(name, x, y)`` of the train, val and test splits, in that order."""
-        return (
-            ("train", self.train_x, self.train_y),
-            ("val", self.val_x, self.val_y),
-            ("test", self.test_x, self.test_y),
-        )
-
-    def split(self, name: str) -> tuple[Tensor, Tensor]:
-        """``(x, y)`` of split ``name`` (train, val or test)."""
-        for split, x, y in self.splits():
-            if split == name:
-                return x, y
-        raise ValueError(f"{self.name}: unknown split {name!r}; allowed: train, val, test")
-
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
@@ -129,37 +168,6 @@ class TaskData:
     def label_shape(self) -> tuple[int, ...]:
         """One sample's target shape: a single class per image."""
         return ()
-
-    @property
-    def train_size(self) -> int:
-        return int(self.train_x.shape[0])
-
-    @property
-    def val_size(self) -> int:
-        return int(self.val_x.shape[0])
-
-    @property
-    def test_size(self) -> int:
-        return int(self.test_x.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.train_x.device
-
-    def to(self, device: torch.device | str) -> TaskData:
-        """The same task with every tensor moved to `device`."""
-        device = torch.device(device)
-        if device == self.device:
-            return self
-        return dataclasses.replace(
-            self,
-            train_x=self.train_x.to(device),
-            train_y=self.train_y.to(device),
-            val_x=self.val_x.to(device),
-            val_y=self.val_y.to(device),
-            test_x=self.test_x.to(device),
-            test_y=self.test_y.to(device),
-        )
 
     def prepare(self, x: Tensor) -> Tensor:
         """Stored images [..., C, H, W] -> normalized float32 network input, on x's device."""

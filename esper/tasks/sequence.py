@@ -9,12 +9,13 @@ position is a prediction. Tokens are the network input as they are (an embedding
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from esper.tasks.base import TaskSplits
 
 
 def windows(tokens: Tensor, seq_len: int, count: int | None = None) -> tuple[Tensor, Tensor]:
@@ -52,7 +53,7 @@ def windows(tokens: Tensor, seq_len: int, count: int | None = None) -> tuple[Ten
 
 
 @dataclass(frozen=True, eq=False)
-class SequenceTask:
+class SequenceTask(TaskSplits):
     """A next-token-prediction task resident on one device.
 
     Splits as in `TaskData`: `train` (what hosts fit), `val` (what controllers, gates and rewards
@@ -61,13 +62,6 @@ class SequenceTask:
     `decode` joins token texts with `joiner` (" " for words, "" for bytes).
     """
 
-    name: str
-    train_x: Tensor
-    train_y: Tensor
-    val_x: Tensor
-    val_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
     num_classes: int
     vocab: tuple[str, ...]
     joiner: str = " "
@@ -109,21 +103,6 @@ class SequenceTask:
                 raise ValueError(f"{self.name}: {split} token ids span [{lo}, {hi}]; they must "
                                  f"lie in [0, {self.num_classes - 1}]")
 
-    def splits(self) -> tuple[tuple[str, Tensor, Tensor], ...]:
-        """``(name, x, y)`` of the train, val and test splits, in that order."""
-        return (
-            ("train", self.train_x, self.train_y),
-            ("val", self.val_x, self.val_y),
-            ("test", self.test_x, self.test_y),
-        )
-
-    def split(self, name: str) -> tuple[Tensor, Tensor]:
-        """``(x, y)`` of split ``name`` (train, val or test)."""
-        for split, x, y in self.splits():
-            if split == name:
-                return x, y
-        raise ValueError(f"{self.name}: unknown split {name!r}; allowed: train, val, test")
-
     @property
     def seq_len(self) -> int:
         """Tokens per window (L)."""
@@ -138,37 +117,6 @@ class SequenceTask:
     def label_shape(self) -> tuple[int]:
         """Shape of one label: (L,) next-token ids, one per position."""
         return (self.seq_len,)
-
-    @property
-    def train_size(self) -> int:
-        return int(self.train_x.shape[0])
-
-    @property
-    def val_size(self) -> int:
-        return int(self.val_x.shape[0])
-
-    @property
-    def test_size(self) -> int:
-        return int(self.test_x.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.train_x.device
-
-    def to(self, device: torch.device | str) -> SequenceTask:
-        """The same task with every tensor moved to `device`."""
-        device = torch.device(device)
-        if device == self.device:
-            return self
-        return dataclasses.replace(
-            self,
-            train_x=self.train_x.to(device),
-            train_y=self.train_y.to(device),
-            val_x=self.val_x.to(device),
-            val_y=self.val_y.to(device),
-            test_x=self.test_x.to(device),
-            test_y=self.test_y.to(device),
-        )
 
     def prepare(self, x: Tensor) -> Tensor:
         """Stored tokens -> network input: unchanged, since the network embeds token ids."""
