@@ -66,3 +66,13 @@ def test_train_ppo_on_lm_preset(tmp_path, capsys) -> None:
     assert rc == 0
     out = capsys.readouterr().out
     assert "test ppl" in out and (tmp_path / "run" / "ppo.pt").exists()
+
+
+def test_too_little_text_is_one_clear_error(tmp_path, capsys) -> None:
+    """Data that cannot supply the windows asked for is refused in one line, before any host."""
+    (tmp_path / "TinyStories-train.txt").write_text("<|endoftext|>".join(["A short story."] * 20))
+    cfg = _config(tmp_path, {"task": {"data_dir": str(tmp_path), "seq_len": 16, "val_size": 500}})
+    assert evaluate.main(["--preset", "tinystories", "--config", str(cfg), "--policies", "static"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tinystories: not enough text") and "(task 'tinystories')" in err
+    assert "Traceback" not in err

@@ -43,6 +43,7 @@ from esper.tamiyo.features import FeatureBuilder, new_tracker
 from esper.tamiyo.masks import MASK_KEYS, action_masks
 from esper.tamiyo.observed_diagnostics import ObservedDiagnostics
 from esper.tasks import TaskData, load_task
+from esper.tasks.sequence import SequenceTask
 
 ACTION_KEYS: tuple[str, ...] = HEADS
 
@@ -66,8 +67,17 @@ def kasmina_config(cfg: TrainingConfig) -> KasminaConfig:
     )
 
 
-def load_config_task(cfg: TrainingConfig, device: torch.device | str | None = None) -> TaskData:
-    return load_task(cfg.task.name, device=resolve_device(device or cfg.device), **cfg.task.loader_kwargs())
+def load_config_task(cfg: TrainingConfig, device: torch.device | str | None = None) -> TaskData | SequenceTask:
+    """The config's task on ``device``. Data that cannot supply what the config asks (too little
+    text for the windows, an unreadable file) is a :class:`~esper.simic.preflight.UsageError`
+    naming ``task``: one line from the command line, before any host is built."""
+    from esper.simic.preflight import UsageError
+
+    try:
+        return load_task(cfg.task.name, device=resolve_device(device or cfg.device), **cfg.task.loader_kwargs())
+    except (ValueError, OSError) as err:
+        raise UsageError(str(err), f"task {cfg.task.name!r}",
+                         "data that holds the splits asked for (task.train_size, val_size, test_size, seq_len)") from None
 
 
 def _rows(mask: torch.Tensor, new: TensorDictBase, old: TensorDictBase) -> TensorDictBase:
