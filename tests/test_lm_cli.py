@@ -76,3 +76,10 @@ def test_too_little_text_is_one_clear_error(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error: tinystories: not enough text") and "(task 'tinystories')" in err
     assert "Traceback" not in err
+
+
+def test_a_cnn_host_on_a_language_task_is_refused_before_work(tmp_path, capsys) -> None:
+    cfg = _config(tmp_path, {"kasmina": {"host": "shallow"}})
+    assert evaluate.main(["--preset", "lm", "--config", str(cfg), "--policies", "static"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: kasmina.host 'shallow' cannot run task 'grammar'") and "lm_small" in err

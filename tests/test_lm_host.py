@@ -216,10 +216,13 @@ def test_hosts_and_blueprints_must_fit_the_task() -> None:
 
 @pytest.mark.compile
 def test_compiled_transformer_matches_eager_with_one_graph(task) -> None:
-    """Compiled fullgraph, group-by-blueprint: one graph through germinations, advances and a
-    cull (group sizes change every epoch), and it trains as the eager engine does."""
+    """Compiled fullgraph, group-by-blueprint, AdamW: one graph through germinations, advances and
+    a cull (group sizes change every epoch, step counts every step), and it trains as the eager
+    engine does."""
     gates = GateConfig(min_training_epochs=0, grad_ratio_floor=0.0)
-    make = partial(KasminaConfig, host="lm_small", batch_size=32, val_batch_size=32, gates=gates)
+    # AdamW, as the lm preset trains: its per-step counts ride in the controls, not the graph.
+    make = partial(KasminaConfig, host="lm_small", batch_size=16, val_batch_size=32, gates=gates,
+                   step=StepHyper(host_lr=0.003, optimizer="adamw", weight_decay=0.01), seed_lr=0.0015)
     torch._dynamo.reset()
     counters.clear()
     compiled = MorphogeneticBatch(task, 4, make(compile=True), base_seed=2)

@@ -94,10 +94,6 @@ class TransformerSpec:
         if any(not 0 <= b < self.num_blocks for b in self.slot_after):
             raise ValueError(f"host {self.name!r}: slot_after {self.slot_after} outside 0..{self.num_blocks - 1}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.heads
-
     def slot_channels(self, slot: str) -> int:
         return self.d_model
 
