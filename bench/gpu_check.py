@@ -44,6 +44,7 @@ STAGES = ("environment", "cuda_tests", "copy_bandwidth", "kernels", "throughput"
 CAPS = {"environment": 30, "cuda_tests": 100, "copy_bandwidth": 20, "kernels": 90,  # kernels: 2 inductor compiles
         "throughput": 110, "main_command": 150}  # fmt: skip
 BUDGET_S = 450.0
+IMPLS = ("loop", "batched", "planned", "compiled")  # the throughput stage's implementations
 # The dry run's tiny main command: the `ppo` preset shrunk (settings the tests' tiny configs use).
 DRY_CONFIG = {
     "task": {"train_size": 64, "val_size": 32, "test_size": 32, "image_size": 8},
@@ -53,7 +54,16 @@ DRY_CONFIG = {
 
 
 def _sizes(dry: bool) -> dict[str, Any]:
-    """Everything the stages size, for the GPU run or the CPU dry run."""
+    """Everything the stages size, for the GPU run or the CPU dry run (``ESPER_GPU_CHECK_ENVS``
+    / ``_IMPLS`` narrow the throughput grid: ``--envs`` / ``--impls`` set them for the stages)."""
+    sizes = _default_sizes(dry)
+    if os.environ.get("ESPER_GPU_CHECK_ENVS"):
+        sizes["envs"] = tuple(int(n) for n in os.environ["ESPER_GPU_CHECK_ENVS"].split(","))
+    sizes["impls"] = tuple(os.environ.get("ESPER_GPU_CHECK_IMPLS", ",".join(IMPLS)).split(","))
+    return sizes
+
+
+def _default_sizes(dry: bool) -> dict[str, Any]:
     if dry:
         return {"device": "cpu", "copy_mib": 16, "copy_repeats": 5, "envs": (2, 4), "compiled_at": None,
                 "repeats": 1, "workload": {"train_size": 32, "val_size": 32, "batch_size": 16, "val_batch_size": 32}}
@@ -188,8 +198,8 @@ def stage_throughput(out: Path, dry: bool, cap: float) -> dict[str, Any]:
         "planned": lambda n: planned_epoch(planned(seeded_batch(task, n, work.config()))),
         "compiled": lambda n: planned_epoch(planned(seeded_batch(task, n, work.config(compile=True)))),
     }
-    jobs = [(n, impl) for n in s["envs"] for impl in ("loop", "batched", "planned")]
-    jobs += [(s["compiled_at"], "compiled")] if s["compiled_at"] in s["envs"] else []
+    jobs = [(n, impl) for n in s["envs"] for impl in ("loop", "batched", "planned") if impl in s["impls"]]
+    jobs += [(s["compiled_at"], "compiled")] if s["compiled_at"] in s["envs"] and "compiled" in s["impls"] else []
     for n, impl in jobs:
         row = next((r for r in rows if r["n"] == n), None)
         if row is None:
@@ -294,21 +304,24 @@ def run_stage(name: str, out: Path, dry: bool, cap: float, rounds: int) -> None:
     _save(out, name, STAGE_FNS[name](out, dry, max(cap - 15.0, 5.0), **kwargs))
 
 
-def check(out: Path, dry: bool, rounds: int, budget: float) -> dict[str, Any]:
-    """Every stage in its own subprocess within ``budget`` seconds; the merged results."""
+def check(out: Path, dry: bool, rounds: int, budget: float, stages: tuple[str, ...] = STAGES,
+          caps: dict[str, float] | None = None) -> dict[str, Any]:
+    """The ``stages`` (default all), each in its own subprocess, within ``budget`` seconds;
+    ``caps`` overrides stages' own limits. The merged results."""
+    caps = CAPS | (caps or {})
     (out / "stages").mkdir(parents=True, exist_ok=True)
     for stale in [*(out / "stages").glob("*.json"), out / "cuda_tests.xml", out / "kernels_bench.json"]:
         stale.unlink(missing_ok=True)  # a stage that fails must not show an earlier run's figures
     start = time.monotonic()
     res: dict[str, Any] = {"dry_run": dry, "started": datetime.datetime.now().isoformat(timespec="seconds"),
                            "budget_s": budget, "stages": {}}  # fmt: skip
-    for name in STAGES:
+    for name in (n for n in STAGES if n in stages):
         left = budget - (time.monotonic() - start)
-        cap = min(CAPS[name], left)
+        cap = min(caps[name], left)
         entry: dict[str, Any] = {"status": "skipped", "seconds": 0.0}
         if cap >= 5:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--out", str(out),
-                   "--cap", str(cap), "--rounds", str(rounds), *(["--dry-run"] if dry else [])]  # fmt: skip
+                   "--stage-cap", str(cap), "--rounds", str(rounds), *(["--dry-run"] if dry else [])]  # fmt: skip
             t0 = time.monotonic()
             rc = _run(cmd, out / "stages" / f"{name}.log", cap)
             entry["status"] = f"timeout ({cap:.0f} s)" if rc is None else "ok" if rc == 0 else f"failed (exit {rc})"
@@ -326,18 +339,64 @@ def check(out: Path, dry: bool, rounds: int, budget: float) -> dict[str, Any]:
     return res
 
 
+def _choices(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown {what} {bad or text!r}; allowed: {', '.join(allowed)}")
+    return names
+
+
+def _stage_list(text: str) -> tuple[str, ...]:
+    return _choices(text, STAGES, "stage")
+
+
+def _impl_list(text: str) -> tuple[str, ...]:
+    return _choices(text, IMPLS, "implementation")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated env counts, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"env counts must be >= 1, got {text!r}")
+    return values
+
+
+def _cap(text: str) -> tuple[str, float]:
+    name, sep, seconds = text.partition("=")
+    if not sep or name not in STAGES:
+        raise argparse.ArgumentTypeError(f"expected STAGE=SECONDS with STAGE one of {', '.join(STAGES)}, got {text!r}")
+    try:
+        return name, float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seconds must be a number, got {seconds!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check")
     p.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes (checks the script)")
     p.add_argument("--rounds", type=int, default=1, help="PPO rounds of the main command")
     p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all stages together")
+    p.add_argument("--stages", type=_stage_list, default=STAGES,
+                   help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+    p.add_argument("--cap", dest="caps", type=_cap, action="append", default=[], metavar="STAGE=SECONDS",
+                   help="override a stage's time limit (repeatable)")
+    p.add_argument("--envs", type=_int_list, help="throughput stage: env counts (default 8,64,256)")
+    p.add_argument("--impls", type=_impl_list, help=f"throughput stage: subset of {','.join(IMPLS)}")
     p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # internal: run one stage
-    p.add_argument("--cap", type=float, default=60.0, help=argparse.SUPPRESS)  # internal: its seconds
+    p.add_argument("--stage-cap", type=float, default=60.0, help=argparse.SUPPRESS)  # internal: its seconds
     args = p.parse_args(argv)
+    if args.envs:
+        os.environ["ESPER_GPU_CHECK_ENVS"] = ",".join(map(str, args.envs))
+    if args.impls:
+        os.environ["ESPER_GPU_CHECK_IMPLS"] = ",".join(args.impls)
     args.out = args.out.resolve()
     if args.stage:
-        run_stage(args.stage, args.out, args.dry_run, args.cap, args.rounds)
+        run_stage(args.stage, args.out, args.dry_run, args.stage_cap, args.rounds)
         return 0
     if not args.dry_run:
         import torch
@@ -346,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no CUDA device (gpu_check); run on a GPU machine, or --dry-run to check the script",
                   file=sys.stderr)  # fmt: skip
             return 2
-    res = check(args.out, args.dry_run, args.rounds, args.budget)
+    res = check(args.out, args.dry_run, args.rounds, args.budget, args.stages, dict(args.caps))
     print((args.out / "gpu_check.md").read_text())
     print(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'}")
     return 0 if res["ok"] else 1

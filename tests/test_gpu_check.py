@@ -52,3 +52,35 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path: Path) -> None:
         assert header in md, header
     assert md.count("| ok |") == len(STAGES)
     assert "| 4 | " in md and "test_grad_stats[cpu-esper]" in md
+
+
+def test_gpu_check_runs_a_chosen_subset_with_its_own_limits(tmp_path: Path) -> None:
+    """A second, shorter loan reruns only what the first one missed: ``--stages``, ``--envs``,
+    ``--impls`` and ``--cap`` narrow the check (the skipped stages are absent, not failed)."""
+    out = tmp_path / "subset"
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--out", str(out),
+           "--stages", "environment,throughput", "--envs", "2", "--impls", "loop,planned",
+           "--cap", "throughput=90"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert list(res["stages"]) == ["environment", "throughput"] and res["ok"] is True
+    (row,) = res["stages"]["throughput"]["rows"]
+    assert row["n"] == 2 and set(row) == {"n", "loop", "planned"}
+    assert row["planned"]["speedup_vs_loop"] > 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [(["--stages", "kernels,bogus"], "unknown stage ['bogus']; allowed: environment"),
+     (["--cap", "main=10"], "expected STAGE=SECONDS with STAGE one of"),
+     (["--cap", "kernels=soon"], "seconds must be a number"),
+     (["--envs", "8,0"], "env counts must be >= 1"),
+     (["--impls", "fast"], "unknown implementation ['fast']; allowed: loop")],
+)  # fmt: skip
+def test_gpu_check_refuses_bad_options_by_name(tmp_path: Path, flag: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run",
+                           "--out", str(tmp_path), *flag], capture_output=True, text=True, timeout=60,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "gpu_check.json").exists()

@@ -249,6 +249,11 @@ def test_cuda_collect_without_syncs_and_one_transfer() -> None:
     tracker = DiagnosticTracker(load_profile("research"))
     tracker.collect(**moved)  # warm-up (first calls may initialize lazily)
     torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a sync raises here, its traceback names the line
+    try:
+        tracker.collect(**moved)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     with count_host_syncs() as syncs:
         td = tracker.collect(**moved)
     assert syncs.count == 0 and syncs.cuda_syncs == 0, syncs

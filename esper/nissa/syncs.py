@@ -32,6 +32,7 @@ class SyncCount:
 
     calls: list[str] = field(default_factory=list)
     cuda_syncs: int = 0
+    cuda_sync_sites: list[str] = field(default_factory=list)  # "file:line" of each CUDA sync
 
     @property
     def count(self) -> int:
@@ -78,7 +79,9 @@ def count_host_syncs() -> Iterator[SyncCount]:
             finally:
                 if cuda:
                     torch.cuda.set_sync_debug_mode(previous_mode)
-        result.cuda_syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+        synced = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        result.cuda_syncs = len(synced)
+        result.cuda_sync_sites = [f"{w.filename}:{w.lineno}" for w in synced]
     finally:
         for name, fn in originals.items():
             setattr(torch.Tensor, name, fn)

@@ -104,7 +104,7 @@ class FactoredActionDistribution(CompositeDistribution):
             "blueprint": cat("blueprint", _nonempty(params["blueprint", "mask"])),
             "tempo": cat("tempo", _nonempty(params["tempo", "mask"])),
         }
-        self.relevance = relevance_table(params.device)
+        self.relevance = relevance_table(params["op", "logits"].device)
 
     # ------------------------------------------------------------------------- helpers
     def _slot_logits_for(self, op: torch.Tensor) -> torch.Tensor:
