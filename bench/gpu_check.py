@@ -8,11 +8,11 @@
    20; bytes read + written per second), the yardstick for the kernels;
 4. ``kernels``: ``bench/test_kernels_bench.py``'s CUDA cases (pytest-benchmark), each one's
    achieved GB/s and its fraction of the copy rate;
-5. ``throughput``: one full env epoch (train + counterfactual validation) at N in {8, 64, 256},
+5. ``main_command``: ``python -m esper.train --envs 64 --compile`` (``--rounds``, default 1);
+6. ``throughput``: one full env epoch (train + counterfactual validation) at N in {8, 64, 256},
    batched (every blueprint masked), planned (group-by-blueprint) and a Python loop over N
    ``nn.Module`` hosts (:mod:`workloads`), plus the compiled engine at N=64 (its first call,
-   compilation included, reported apart);
-6. ``main_command``: ``python -m esper.train --envs 64 --compile`` (``--rounds``, default 1).
+   compilation included, reported apart; it gets what is left of the budget).
 
 Each stage runs in its own subprocess under a share of a fixed time budget (a stage that runs
 out is recorded as ``timeout`` and the next one starts), so one failure never loses the other
@@ -39,11 +39,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STAGES = ("environment", "cuda_tests", "copy_bandwidth", "kernels", "throughput", "main_command")
-# Seconds each stage may take on the GPU; together under the 8-minute budget with slack.
-CAPS = {"environment": 30, "cuda_tests": 100, "copy_bandwidth": 20, "kernels": 90,  # kernels: 2 inductor compiles
-        "throughput": 110, "main_command": 150}  # fmt: skip
-BUDGET_S = 450.0
+# The main command runs before the throughput grid: on the H200 (2026-11-28) it took 180 s with
+# its compile, and the compiled group-by-blueprint case, last in the grid, did not finish its
+# first call (cold compile) in 175 s; what is left of the budget goes to it.
+STAGES = ("environment", "cuda_tests", "copy_bandwidth", "kernels", "main_command", "throughput")
+# Seconds each stage may take on the GPU (caps; the budget bounds them together, under 8 minutes).
+CAPS = {"environment": 30, "cuda_tests": 90, "copy_bandwidth": 20, "kernels": 60,  # kernels: 2 inductor compiles
+        "main_command": 210, "throughput": 400}  # fmt: skip
+BUDGET_S = 470.0
 IMPLS = ("loop", "batched", "planned", "compiled")  # the throughput stage's implementations
 # The dry run's tiny main command: the `ppo` preset shrunk (settings the tests' tiny configs use).
 DRY_CONFIG = {

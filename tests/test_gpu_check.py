@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("environment", "cuda_tests", "copy_bandwidth", "kernels", "throughput", "main_command")
+STAGES = ("environment", "cuda_tests", "copy_bandwidth", "kernels", "main_command", "throughput")
 
 
 @pytest.mark.slow  # ~70 s on a 2-core CPU: CI runs it with the other slow tests
