@@ -19,7 +19,7 @@ from esper.leyline.events import AnomalyEvent
 from esper.nissa import NissaHub, TelemetryConfig
 from esper.nissa.anomaly import PPO_SCOPE
 from esper.report.after_run import report_after, report_target
-from esper.simic.checkpoint import CheckpointError, load_checkpoint
+from esper.simic.checkpoint import CheckpointError, check_matches, load_checkpoint
 from esper.simic.cli import add_common_args, maybe_trace, run_hub
 from esper.simic.config import ConfigError, TrainingConfig
 from esper.simic.distributed import Ranks, launched, main_rank
@@ -44,6 +44,13 @@ from esper.simic.sharding import run_env
 from esper.tamiyo.policies import POLICIES, make_policy
 
 PPO_ONLY = ("--rounds", "--resume", "--init", "--force")
+WIDTHS = ("hidden_size", "lstm_hidden_size")  # policy-shape fields set by the config alone
+# Offline training (bc, iql) runs on the CPU from a pack and emits no telemetry.
+OFFLINE_NO_EFFECT = ("--rounds", "--trace", "--report", "--dist-timeout", "--device", "--compile", "--telemetry",
+                     "--telemetry-file", "--telemetry-set", "--backends")
+# Settings that enter an offline checkpoint's config only through --config/--preset (otherwise
+# the pack's own config is used, whole).
+OFFLINE_SETTINGS = ("--envs", "--episodes", "--episode-length", "--seed", "--task-seed", "--run-dir")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
                                              "(e.g. one from --policy bc|iql); fresh optimizer, round 0")
     p.add_argument("--data", type=Path, help="episode pack (esper.generate) for --policy bc or iql")
     p.add_argument("--offline-epochs", type=int, help="passes over the pack for --policy bc|iql")
-    p.add_argument("--force", action="store_true", help="let a fresh PPO run overwrite an existing checkpoint")
+    p.add_argument("--force", action="store_true", help="let a fresh run (ppo, bc, iql) overwrite an existing checkpoint")
     add_common_args(p)
     add_dist_args(p)
     p.add_argument("--report", action="store_true",
@@ -86,11 +93,16 @@ def preflight_ppo(args: argparse.Namespace) -> tuple[object, object, Path]:
         if args.resume is not None:
             raise UsageError("--init starts a new run; --resume continues one", "--init", "give one of them")
         try:
-            load_checkpoint(args.init)
+            shape = load_checkpoint(args.init)["policy_shape"]
+            # The network widths come from the config: compared now, before an env is built or
+            # telemetry written (the env-derived sizes are checked by the trainer).
+            check_matches(args.init, "policy shape", {k: shape.get(k) for k in WIDTHS},
+                          {k: getattr(cfg.ppo, k) for k in WIDTHS})
         except CheckpointError as err:
-            raise UsageError(str(err), "--init", "a checkpoint written by esper.train (ppo, bc or iql)") from None
+            raise UsageError(str(err), "--init", "a checkpoint written by esper.train (ppo, bc or iql) "
+                                                 "with this run's ppo.hidden_size and ppo.lstm_hidden_size") from None
     if args.resume is not None:
-        check_resume(args.resume, cfg.ppo.rounds)
+        check_resume(args.resume, cfg)
     check_fresh_checkpoint(save, args.resume, args.force)
     return cfg, profile, save
 
@@ -198,7 +210,13 @@ def _main(argv: list[str] | None = None) -> int:
     if args.policy == "ppo":
         return report_after(train_ppo(args, console), report if main_rank() else None)
     if args.policy in OFFLINE_METHODS:
-        refuse_flags(args, ("--rounds", "--force", "--trace", "--report", "--dist-timeout"), args.policy)
+        refuse_flags(args, OFFLINE_NO_EFFECT, args.policy)
+        if args.config is None and args.preset == "default":
+            refuse_flags(args, OFFLINE_SETTINGS, f"{args.policy} unless --config or --preset is given "
+                                                 "(the pack's config is used)")
+        if args.offline_epochs is not None and args.offline_epochs < 1:
+            raise UsageError(f"--offline-epochs {args.offline_epochs}", "--offline-epochs",
+                             "a positive number of passes over the pack")
         if launched():
             raise UsageError(f"--policy {args.policy} under torchrun", "--policy",
                              "behaviour cloning and IQL run as one process (python -m esper.train)")

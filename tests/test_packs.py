@@ -176,6 +176,37 @@ def test_generate_refuses_bad_inputs_before_work(heuristic_pack: Path, tmp_path:
 
 
 # ----------------------------------------------------------------------------- offline
+def test_offline_cli_refuses_bad_inputs_before_training(heuristic_pack: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--offline-epochs 0 fell back to 100 passes, -1 trained none; a --save directory was a
+    traceback after training; an existing --save file was replaced silently; flags offline
+    training never reads (--device cuda, --backends, --envs without --config) were ignored."""
+    existing = tmp_path / "kept.pt"
+    existing.write_bytes(b"not a checkpoint, not overwritten")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    base = ["--policy", "bc", "--data", str(heuristic_pack)]
+    cases = [
+        (["--offline-epochs", "0", "--save", str(tmp_path / "a.pt")], "--offline-epochs", "a positive number"),
+        (["--offline-epochs", "-1", "--save", str(tmp_path / "a.pt")], "--offline-epochs", "a positive number"),
+        (["--offline-epochs", "1", "--save", str(folder)], "--save", "is a directory"),
+        (["--offline-epochs", "1", "--save", str(existing)], "--save", "or --force to overwrite"),
+        (["--save", str(tmp_path / "a.pt"), "--device", "cuda"], "--device", "has no effect with --policy bc"),
+        (["--save", str(tmp_path / "a.pt"), "--backends", "bogus"], "--backends", "has no effect"),
+        (["--save", str(tmp_path / "a.pt"), "--envs", "3"], "--envs", "unless --config or --preset"),
+    ]
+    for argv, where, words in cases:
+        assert train.main([*base, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and f"({where}); " in err and words in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "--resume" not in err, err
+        assert "epoch " not in capsys.readouterr().out
+    assert existing.read_bytes() == b"not a checkpoint, not overwritten"
+    assert not (tmp_path / "a.pt").exists() and not any(folder.iterdir())
+    assert train.main([*base, "--offline-epochs", "1", "--save", str(existing), "--force"]) == 0
+    assert load_checkpoint(existing)["offline"]["method"] == "bc"
+
+
 def _small_nets(meta: dict) -> TrainingConfig:
     return TrainingConfig.from_dict(meta["config"]).updated(ppo={"hidden_size": 32, "lstm_hidden_size": 32})
 

@@ -121,6 +121,19 @@ BAD_INPUTS: list[tuple[str, str, list[str], str]] = [
                                   "--run-dir", "{tmp}/run"], "faults"),
     ("faults-save-in-evaluate", "evaluate", ["--policies", "static", "--config", "{tmp}/faults-save_only.json",
                                              "--run-dir", "{tmp}/run"], "faults"),
+    # Library messages that span lines (PyYAML's excerpt and caret, torch.load's advice) and
+    # a random seed that is not one: still one line, naming the input.
+    ("config-bad-yaml", "train", ["--policy", "heuristic", "--config", "{badyaml}", "--run-dir", "{tmp}/run"],
+     "configuration"),
+    ("profile-bad-yaml", "train", ["--policy", "heuristic", "--telemetry-file", "{badyaml}", *RUN], "configuration"),
+    ("override-bad-yaml", "train", ["--policy", "heuristic", "--telemetry-set", "hindsight_epochs=[1", *RUN],
+     "configuration"),
+    ("resume-garbage", "train", ["--preset", "default", "--resume", "{garbage}", "--save", "{tmp}/new.pt", *RUN],
+     "--resume"),
+    ("init-garbage", "train", ["--preset", "default", "--init", "{garbage}", "--save", "{tmp}/new.pt", *RUN], "--init"),
+    ("policies-garbage", "evaluate", ["--policies", "ppo={garbage}", *RUN], "--policies"),
+    ("random-seed-not-int", "evaluate", ["--policies", "random=abc", *RUN], "--policies"),
+    ("random-seed-negative", "train", ["--policy", "random=-1", *RUN], "--policy"),
     pytest.param("cuda-missing", "train", ["--policy", "heuristic", "--device", "cuda", *RUN], "--device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ]
@@ -143,7 +156,12 @@ def test_error_bad_input(case: str, command: str, argv: list[str], where: str, t
             TINY, {"task": {"name": "cifar10", "data_dir": str(_bad_cifar(tmp_path, kind))}})))
     for name, over in BAD_FAULTS.items():
         (tmp_path / f"faults-{name}.json").write_text(json.dumps(merge_config(TINY, over)))
-    fill = {"tmp": tmp_path, "tiny": tiny, "blocker": blocker, "existing": existing, "inf": inf_cfg}
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("task: [1\n")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(7, 107)))
+    fill = {"tmp": tmp_path, "tiny": tiny, "blocker": blocker, "existing": existing, "inf": inf_cfg,
+            "badyaml": bad_yaml, "garbage": garbage}
     rc = CLI[command].main([a.format(**fill) for a in argv])
     _assert_usage_error(rc, capsys.readouterr().err, where)
     assert existing.read_bytes() == b"not overwritten"
@@ -173,6 +191,30 @@ def test_data_checkpoint_overwrite_and_resume_rounds(tmp_path: Path, tiny: Path,
     # --policies ppo=... with --resume-only checkpoint round: --force lets a fresh run overwrite.
     assert train.main([*base, "--rounds", "1", "--save", str(ckpt), "--force"]) == 0
     assert load_checkpoint(ckpt)["round"] == 1
+
+
+def test_error_resume_of_another_config_is_refused_before_any_work(tmp_path: Path, tiny: Path, ckpt: Path,
+                                                                     capsys) -> None:
+    """A checkpoint of another env count or setting was refused only once the trainer was built
+    and the run's telemetry opened; now before either (nothing in the run dir)."""
+    run = tmp_path / "resumed"
+    base = ["--config", str(tiny), "--preset", "default", "--rounds", "2", "--resume", str(ckpt),
+            "--backends", "jsonl", "--run-dir", str(run), "--save", str(tmp_path / "r.pt")]
+    for extra, words in ((["--envs", "3"], "envs: checkpoint 2 != run 3"),
+                         (["--task-seed", "4"], "task.seed: checkpoint 0 != run 4")):
+        rc = train.main([*base, *extra])
+        err = capsys.readouterr().err
+        _assert_usage_error(rc, err, "--resume")
+        assert "cannot resume" in err and words in err, err
+        assert not run.exists()
+    assert not (tmp_path / "r.pt").exists()
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps(merge_config(TINY, {"ppo": {"hidden_size": 40}})))
+    rc = train.main(["--config", str(wide), "--preset", "default", "--rounds", "1", "--init", str(ckpt),
+                     "--backends", "jsonl", "--run-dir", str(run), "--save", str(tmp_path / "r.pt")])
+    err = capsys.readouterr().err
+    _assert_usage_error(rc, err, "--init")
+    assert "hidden_size: checkpoint 128 != run 40" in err and not run.exists()
 
 
 def test_data_sigterm_stops_ppo_after_round_with_checkpoint_and_telemetry(tmp_path: Path, tiny: Path, capsys,

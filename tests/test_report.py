@@ -243,3 +243,12 @@ def test_refusals_in_the_one_error_format(ppo_run: Path, tmp_path: Path, capsys:
     config.write_text(json.dumps(TINY))
     assert train.main(["--policy", "heuristic", "--config", str(config), "--backends", "console", "--report"]) == 2
     assert "error: --report reads the run's JSONL telemetry" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interval", ["inf", "nan", "0.1"])
+def test_watch_interval_must_be_finite(tmp_path: Path, interval: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--interval inf`` was a traceback (the page's refresh is an integer) after watching began."""
+    assert report_main(["--watch", str(tmp_path), "--interval", interval]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --interval ") and "(--interval); a finite number >= 0.5" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "report.html").exists()

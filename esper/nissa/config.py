@@ -134,6 +134,15 @@ def validate_config(data: Any, source: str) -> TelemetryConfig:
         raise ProfileError(f"{source}: {_format_errors(err)}") from err
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: PyYAML's own text spans several lines (a source excerpt and a
+    caret), which would break the CLIs' one-line ``error: ...`` format."""
+    mark = getattr(err, "problem_mark", None)
+    what = "; ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+    what = what or " ".join(str(err).split())
+    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else what
+
+
 def load_profile_file(path: str | Path | Traversable) -> TelemetryConfig:
     """Load and validate one YAML profile file (a path or an ``importlib.resources`` file)."""
     p = path if isinstance(path, Traversable) else Path(path)
@@ -142,7 +151,7 @@ def load_profile_file(path: str | Path | Traversable) -> TelemetryConfig:
     except OSError as err:
         raise ProfileError(f"cannot read profile file {p}: {err}") from err
     except yaml.YAMLError as err:
-        raise ProfileError(f"{p}: invalid YAML: {err}") from err
+        raise ProfileError(f"{p}: invalid YAML: {yaml_problem(err)}") from err
     return validate_config(data if data is not None else {}, str(p))
 
 
@@ -173,7 +182,7 @@ def apply_overrides(cfg: TelemetryConfig, overrides: list[str]) -> TelemetryConf
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
-            raise ProfileError(f"override {key!r}: cannot parse value {raw!r}: {err}") from err
+            raise ProfileError(f"override {key!r}: cannot parse value {raw!r}: {yaml_problem(err)}") from err
         node: Any = data
         parts = key.split(".")
         for depth, part in enumerate(parts):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     for flag, value, least in (("--interval", args.interval, 0.5), ("--envs", args.envs, 1), ("--rows", args.rows, 1)):
-        if not value >= least:
-            raise UsageError(f"{flag} {value}", flag, f"a number >= {least}")
+        if not (value >= least and math.isfinite(value)):  # inf: the page's refresh is an integer
+            raise UsageError(f"{flag} {value}", flag, f"a finite number >= {least}")
     out = args.out or args.run_dir / REPORT
     if not args.watch:
         check_run_dir(args.run_dir)

@@ -77,7 +77,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{p}: not a readable checkpoint (corrupt or truncated?): {err}") from err
+        why = _load_problem(err)
+        raise CheckpointError(f"{p}: not a readable checkpoint (corrupt or truncated?): {why}") from err
     if not isinstance(payload, dict):
         raise CheckpointError(f"{p}: expected a checkpoint dict, found {type(payload).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
@@ -88,6 +89,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{p}: checkpoint version {payload['version']}, this build reads {CHECKPOINT_VERSION}"
         )
     return payload
+
+
+def _load_problem(err: Exception) -> str:
+    """One line saying why ``torch.load`` failed. Its weights-only message spans lines of advice
+    (re-run with ``weights_only=False``, wrong for a damaged file); the unpickler's own words are
+    kept, or the first line, or the error's type when it has no words (an empty file)."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from esper.kasmina.gates import GateConfig
 from esper.leyline import CANONICAL_SLOTS
+from esper.nissa.config import yaml_problem
 from esper.tamiyo.config import FeatureConfig, FixedScheduleConfig, HeuristicConfig
 
 
@@ -308,8 +309,10 @@ class TrainingConfig(_Strict):
             raise ConfigError(f"cannot read config {p}: {err}") from err
         try:
             data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"{p}: cannot parse: {err}") from err
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{p}: cannot parse JSON: {err}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: cannot parse YAML: {yaml_problem(err)}") from err
         return cls.from_dict(data if data is not None else {}, str(p))
 
     @classmethod

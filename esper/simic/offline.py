@@ -36,7 +36,6 @@ ppo=CKPT`` load it, and :meth:`PPOTrainer.init` starts PPO from it.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -451,13 +450,15 @@ def train_offline(args: Any, console: Any) -> int:
 
     The networks are sized and the checkpoint's config taken from the pack's config, unless
     ``--preset``/``--config`` is given. Per-epoch loss lines, then the greedy actor's agreement
-    with the pack on held-out episodes. Errors: ``error: what (where); allowed`` on stderr, 2.
+    with the pack on held-out episodes. An existing ``--save`` file is kept unless ``--force``.
+    Errors: ``error: what (where); allowed`` on stderr, 2, before any pass over the pack.
     """
     import sys
 
     from esper.simic.cli import build_config
     from esper.simic.config import ConfigError
     from esper.simic.packs import PackError
+    from esper.simic.preflight import check_fresh_checkpoint
 
     def fail(what: str, where: str, allowed: str) -> int:
         print(f"error: {what} ({where}); {allowed}", file=sys.stderr)
@@ -474,16 +475,12 @@ def train_offline(args: Any, console: Any) -> int:
     try:
         cfg = build_config(args) if (args.config is not None or args.preset not in (None, "default")) else None
         epochs = getattr(args, "offline_epochs", None)
-        ocfg = OfflineConfig(method=args.policy, **({"epochs": epochs} if epochs else {}))
+        ocfg = OfflineConfig(method=args.policy, **({"epochs": epochs} if epochs is not None else {}))
     except (ConfigError, ValueError) as err:
         return fail(str(err), "configuration", "see --preset/--config and the flags")
     run_dir = Path(cfg.run_dir if cfg is not None else pack[1]["config"].get("run_dir", "runs/latest"))
     save = Path(args.save) if args.save is not None else run_dir / f"{args.policy}.pt"
-    parent = save.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        return fail(f"cannot write {save}", "--save", "a path under a writable directory")
+    check_fresh_checkpoint(save, None, args.force, resumable=False)  # a directory, unwritable, or a file
     trainer = OfflineTrainer(args.data, ocfg, cfg=cfg, data=pack)
     e, t = pack[0].batch_size
     console.print(f"{args.policy} from {args.data}: {e} episodes x {t} steps ({len(trainer.train_idx)} train, "

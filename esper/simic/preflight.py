@@ -35,6 +35,7 @@ class UsageError(Exception):
     """An input refused before any work: ``what``, ``where``, ``allowed``."""
 
     def __init__(self, what: str, where: str, allowed: str) -> None:
+        what = " ".join(what.split())  # one stderr line, whatever a library's message spans
         self.what, self.where, self.allowed = what, where, allowed
         super().__init__(f"error: {what} ({where}); {allowed}")
 
@@ -207,6 +208,9 @@ def parse_policies(text: str | None, where: str = "--policies") -> list[tuple[st
             raise UsageError(f"unknown policy {name!r}", where, f"one of {sorted(POLICIES)}")
         if sep and name not in ARG_POLICIES:
             raise UsageError(f"policy {name!r} takes no argument (got {spec!r})", where, f"write {name}")
+        if name == "random" and arg and not (arg.isascii() and arg.isdigit()):
+            raise UsageError(f"random policy seed {arg!r} is not a non-negative integer", where,
+                             "random or random=SEED (e.g. random=3)")
         if name in CHECKPOINT_POLICIES:
             from esper.simic.ppo import shipped_controller
 
@@ -257,28 +261,37 @@ def check_config(args: argparse.Namespace, policies: Iterable[str] = (), trains_
 def refuse_flags(args: argparse.Namespace, flags: Iterable[str], policy: str) -> None:
     """Flags that have no effect with ``policy`` are refused, not ignored."""
     for flag in flags:
-        if getattr(args, flag.lstrip("-").replace("-", "_"), None) not in (None, False):
+        if getattr(args, flag.lstrip("-").replace("-", "_"), None) not in (None, False, []):  # []: append unused
             raise UsageError(f"{flag} has no effect with --policy {policy}", flag,
                              "drop it, or use a policy it applies to")
 
 
-def check_fresh_checkpoint(save: Path, resume: Path | None, force: bool) -> None:
-    """A fresh run never silently overwrites an existing checkpoint."""
+def check_fresh_checkpoint(save: Path, resume: Path | None, force: bool, resumable: bool = True) -> None:
+    """A fresh run never silently overwrites an existing checkpoint (``resumable``: the run
+    could ``--resume`` it instead; offline training cannot)."""
     check_file_target(save, "--save")
     if save.exists() and resume is None and not force:
         raise UsageError(f"checkpoint {save} exists and a fresh run would overwrite it", "--save",
-                         "another path, --resume it, or --force to overwrite")
+                         "another path, --resume it, or --force to overwrite" if resumable
+                         else "another path, or --force to overwrite")
 
 
-def check_resume(resume: Path, rounds: int) -> dict[str, Any]:
-    """The checkpoint loads, and ``rounds`` leaves something to train."""
+def check_resume(resume: Path, cfg: Any) -> dict[str, Any]:
+    """The checkpoint loads, was trained with this run's env count and setting (before any env
+    is built or telemetry written), and ``cfg.ppo.rounds`` leaves something to train."""
     from esper.simic.checkpoint import CheckpointError, load_checkpoint
+    from esper.simic.config import ConfigError
+    from esper.simic.ppo import check_resumable
 
     try:
         ckpt = load_checkpoint(resume)
     except CheckpointError as err:
         raise UsageError(str(err), "--resume", "a checkpoint written by esper.train --policy ppo") from None
-    done = int(ckpt["round"])
+    try:
+        check_resumable(resume, ckpt, cfg, cfg.episode.envs)
+    except (CheckpointError, ConfigError) as err:
+        raise UsageError(f"cannot resume: {err}", "--resume", "a checkpoint of this run's config") from None
+    done, rounds = int(ckpt["round"]), cfg.ppo.rounds
     if rounds <= done:
         raise UsageError(f"{resume} is already at round {done}; --rounds {rounds} trains nothing", "--rounds",
                          f"a total above {done}")
