@@ -1,5 +1,6 @@
-"""The compiled training step: one graph, no breaks, no recompiles across lifecycle changes,
-plan changes (group-by-blueprint), capture escalations or episode boundaries."""
+"""The compiled epoch: one training-step graph and one validation graph, no breaks, no
+recompiles across lifecycle changes, plan changes (group-by-blueprint), capture escalations or
+episode boundaries."""
 
 from __future__ import annotations
 
@@ -55,10 +56,11 @@ def _plan_from(batch: MorphogeneticBatch, signals: TensorDict) -> None:
 
 
 @pytest.mark.compile
-def test_compiled_plan_matches_eager_with_one_graph() -> None:
+def test_compiled_plan_matches_eager_with_one_graph_each() -> None:
     """The compiled group-by-blueprint step trains exactly like the eager masked engine (every
     blueprint for every env) and the eager plan, through germinations, advances, a cull and a
-    capture escalation, while the groups change size every epoch: one graph, compiled once."""
+    capture escalation, while the groups change size every epoch; validation (counterfactual rows
+    included) scores alike. One training graph and one validation graph, each compiled once."""
     task = load_task("synthetic", train_size=128, val_size=64, seed=5)
     gates = GateConfig(min_training_epochs=0, grad_ratio_floor=0.0)
     make = partial(KasminaConfig, batch_size=64, val_batch_size=64, blueprints=BLUEPRINTS, gates=gates)
@@ -74,10 +76,12 @@ def test_compiled_plan_matches_eager_with_one_graph() -> None:
         want = masked.run_epoch(_actions(*step), capture=capture)
         other = planned.run_epoch(_actions(*step))
         if e == 0:
-            assert counters["stats"]["unique_graphs"] == 1
+            assert counters["stats"]["unique_graphs"] == 2  # the training step and validation
         for sig in (want, other):
             torch.testing.assert_close(got["train_loss"], sig["train_loss"], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got["val_acc"], sig["val_acc"], rtol=0, atol=1e-4)
+            torch.testing.assert_close(got["val_acc_without"], sig["val_acc_without"], rtol=0, atol=1e-4)
+            torch.testing.assert_close(got["val_loss"], sig["val_loss"], rtol=1e-5, atol=1e-6)
             assert torch.equal(got["stage"], sig["stage"])
         if e == 3:
             for key, value in want["captured"].items():
@@ -92,7 +96,7 @@ def test_compiled_plan_matches_eager_with_one_graph() -> None:
         [S.DORMANT, S.BLENDING, S.DORMANT],
     ]
     assert {2, 3} <= {k for x in sizes for k in x} and len({tuple(x) for x in sizes}) > 1
-    assert counters["stats"]["unique_graphs"] == 1 and compiled.compile_graphs == 1
+    assert counters["stats"]["unique_graphs"] == 2 and compiled.compile_graphs == 2
     assert compiled.compile_seconds > 0
     assert not counters["graph_break"], dict(counters["graph_break"])
     for key, value in compiled.state["host"].items():
@@ -162,9 +166,9 @@ def test_heuristic_episodes_compile_nothing_after_warm_up() -> None:
     torch._dynamo.reset()
     counters.clear()
     summaries = runner.run(2)
-    assert len(graphs) == 60 and graphs[0] == 1
+    assert len(graphs) == 60 and graphs[0] == 2  # the training step and validation
     assert graphs[-1] == graphs[0], f"recompiled after the warm-up: {graphs}"
-    assert env.kasmina.compile_graphs == 1
+    assert env.kasmina.compile_graphs == 2
     escalated = [i for i, c in enumerate(captures) if c == {"grads"}]
     assert escalated == [10, 11, 40, 41], captures  # epoch 10 of each episode escalates the next 2
     assert sum(s.germinated for s in summaries) >= 2 and len(summaries) == 6

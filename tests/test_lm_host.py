@@ -216,9 +216,9 @@ def test_hosts_and_blueprints_must_fit_the_task() -> None:
 
 @pytest.mark.compile
 def test_compiled_transformer_matches_eager_with_one_graph(task) -> None:
-    """Compiled fullgraph, group-by-blueprint, AdamW: one graph through germinations, advances and
-    a cull (group sizes change every epoch, step counts every step), and it trains as the eager
-    engine does."""
+    """Compiled fullgraph, group-by-blueprint, AdamW: one training graph (and one validation
+    graph) through germinations, advances and a cull (group sizes change every epoch, step counts
+    every step), and it trains and scores as the eager engine does."""
     gates = GateConfig(min_training_epochs=0, grad_ratio_floor=0.0)
     # AdamW, as the lm preset trains: its per-step counts ride in the controls, not the graph.
     make = partial(KasminaConfig, host="lm_small", batch_size=16, val_batch_size=32, gates=gates,
@@ -235,7 +235,7 @@ def test_compiled_transformer_matches_eager_with_one_graph(task) -> None:
         torch.testing.assert_close(got["train_loss"], want["train_loss"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got["val_loss"], want["val_loss"], rtol=1e-4, atol=1e-5)
         assert torch.equal(got["stage"], want["stage"])
-    assert counters["stats"]["unique_graphs"] == 1 and compiled.compile_graphs == 1
+    assert counters["stats"]["unique_graphs"] == 2 and compiled.compile_graphs == 2  # step, validation
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 

@@ -45,6 +45,22 @@ TRAIN_CAPTURE = frozenset({"grads", "activations"})
 CAPTURES = TRAIN_CAPTURE | {"logits"}
 
 
+def score_val_batch(
+    arch: Architecture, params: dict, buffers: dict, seeds: dict, ctrl: dict, x: torch.Tensor,
+    y: torch.Tensor, plans: Plans | None, num_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One validation batch: correct targets per row ``[1 + S, N]`` (row 0 the actual model,
+    row ``1 + k`` without slot ``k``'s seed), the actual model's summed loss ``[N]`` and its
+    logits ``[N, targets, K]``. One function, so a compiled run compiles it as one graph."""
+    logits = forward_eval(arch, params, buffers, seeds, ctrl, x, plans)
+    correct = (logits.argmax(dim=-1) == y).flatten(2).sum(dim=-1)
+    actual = logits[0]
+    n = actual.shape[0]
+    loss = F.cross_entropy(actual.reshape(-1, num_classes), y.reshape(-1).repeat(n),
+                           reduction="none").view(n, -1).sum(1)
+    return correct, loss, actual.reshape(n, -1, num_classes)
+
+
 @dataclass
 class KasminaConfig:
     """What the batched hosts are: architecture, blueprint set, optimizer, gates."""
@@ -113,6 +129,9 @@ class MorphogeneticBatch:
         self.host_params = float(self.arch.spec.param_count(self.sample_shape, self.num_classes))
         self.last = self._initial_signals()
         self._steps: dict[frozenset[str], Callable[..., dict[str, torch.Tensor]]] = {}
+        # Validation compiles too (inference only, one graph): eager it was half of a compiled epoch.
+        self._score_val = (torch.compile(score_val_batch, fullgraph=True, mode=self.cfg.compile_mode)
+                           if self.cfg.compile else score_val_batch)
         self._plans: Plans | None = None
         self._eval_plans: Plans | None = None
         self._pending: torch.Tensor | None = None  # [N, S] germinations awaiting re-init
@@ -405,18 +424,24 @@ class MorphogeneticBatch:
         """
         st = as_dicts(self.state)
         ctrl = self.controls()
-        k_cls = self.num_classes
         correct = torch.zeros(1 + len(self.arch.slots), self.n, device=self.device)
         loss = torch.zeros(self.n, device=self.device)
         kept: list[torch.Tensor] = []
+        # Compiled, the training step's plan (every group present, sizes dynamic: one graph);
+        # eager, the exact groups.
+        plans = (self._plans if self._plans is not None else self._group_plan(None)) if self.cfg.compile \
+            else self._eval_plans
         for x, y in self.sampler.val_batches(self.cfg.val_batch_size):
-            logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x, self._eval_plans)
-            correct += (logits.argmax(dim=-1) == y).flatten(2).sum(dim=-1)
-            actual = logits[0]
-            loss += F.cross_entropy(actual.reshape(-1, k_cls), y.reshape(-1).repeat(self.n),
-                                    reduction="none").view(self.n, -1).sum(1)
+            graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+            c, l_sum, actual = self._score_val(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x, y,
+                                               plans, self.num_classes)
+            if counters["stats"]["unique_graphs"] != graphs:
+                self.compile_graphs += counters["stats"]["unique_graphs"] - graphs
+                self.compile_seconds += time.perf_counter() - t0
+            correct += c
+            loss += l_sum
             if keep_logits:
-                kept.append(actual.reshape(self.n, -1, k_cls))
+                kept.append(actual)
         total = self.task.val_y.numel()  # images, or tokens
         acc = 100.0 * correct / total
         out = {
