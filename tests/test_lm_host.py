@@ -271,3 +271,35 @@ def test_adamw_step_matches_torch_adamw() -> None:
             torch.testing.assert_close(d["host"][k][1], p.detach(), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="optimizer 'adam' is not one of: sgd, adamw"):
         StepHyper(optimizer="adam")
+
+
+def test_loss_contribution_is_the_loss_a_seed_removes(task) -> None:
+    """``contribution: loss``: each blended seed's contribution is the percent of the validation
+    loss without it that it removes, the without-loss computed here by a separate forward with
+    that slot's alpha set to 0 (no counterfactual rows); unblended slots contribute 0."""
+    gates = GateConfig(min_training_epochs=0, grad_ratio_floor=0.0)
+    mb = MorphogeneticBatch(task, 4, KasminaConfig(host="lm_small", batch_size=16, val_batch_size=32,
+                                                   gates=gates, contribution="loss"), base_seed=2)
+    for step in PLAN:
+        sig = mb.run_epoch(_actions(*[list(map(int, v)) for v in step]))
+    blended = sig["alpha"] > 0
+    assert blended.sum() >= 2, sig["alpha"]
+    st = as_dicts(mb.state)
+    x, y = mb.task.prepare(mb.task.val_x), mb.task.val_y
+    for k, slot in enumerate(mb.arch.slots):
+        ctrl = mb.controls()
+        ctrl[slot] = {**ctrl[slot], "alpha": torch.zeros_like(ctrl[slot]["alpha"])}
+        with torch.no_grad():
+            logits = forward_eval(mb.arch, st["host"], st["buffers"], st["seeds"], ctrl, x, counterfactuals=False)[0]
+        without = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, VOCAB), y.reshape(-1).repeat(mb.n), reduction="none").view(mb.n, -1).mean(1)
+        want = torch.where(blended[:, k], 100.0 * (without - sig["val_loss"]) / without, 0.0)
+        torch.testing.assert_close(sig["contribution"][:, k], want, rtol=1e-4, atol=1e-4)
+    assert (sig["contribution"][blended] != 0).all()
+
+
+def test_unknown_contribution_is_refused(task) -> None:
+    with pytest.raises(ValueError, match="unknown contribution 'perplexity'; allowed: 'accuracy', 'loss'"):
+        MorphogeneticBatch(task, 1, KasminaConfig(host="lm_small", contribution="perplexity"))
+    with pytest.raises(ConfigError, match="contribution"):
+        TrainingConfig.from_dict({"kasmina": {"contribution": "perplexity"}})

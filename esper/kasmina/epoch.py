@@ -49,16 +49,15 @@ def score_val_batch(
     arch: Architecture, params: dict, buffers: dict, seeds: dict, ctrl: dict, x: torch.Tensor,
     y: torch.Tensor, plans: Plans | None, num_classes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One validation batch: correct targets per row ``[1 + S, N]`` (row 0 the actual model,
-    row ``1 + k`` without slot ``k``'s seed), the actual model's summed loss ``[N]`` and its
-    logits ``[N, targets, K]``. One function, so a compiled run compiles it as one graph."""
+    """One validation batch: correct targets and summed loss per row ``[1 + S, N]`` (row 0 the
+    actual model, row ``1 + k`` without slot ``k``'s seed) and the actual model's logits
+    ``[N, targets, K]``. One function, so a compiled run compiles it as one graph."""
     logits = forward_eval(arch, params, buffers, seeds, ctrl, x, plans)
     correct = (logits.argmax(dim=-1) == y).flatten(2).sum(dim=-1)
-    actual = logits[0]
-    n = actual.shape[0]
-    loss = F.cross_entropy(actual.reshape(-1, num_classes), y.reshape(-1).repeat(n),
-                           reduction="none").view(n, -1).sum(1)
-    return correct, loss, actual.reshape(n, -1, num_classes)
+    rows, n = logits.shape[0], logits.shape[1]
+    loss = F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1).repeat(rows * n),
+                           reduction="none").view(rows, n, -1).sum(-1)
+    return correct, loss, logits[0].reshape(n, -1, num_classes)
 
 
 @dataclass
@@ -78,6 +77,9 @@ class KasminaConfig:
     compile_mode: str | None = None
     lr_horizon: int = 0  # epochs of cosine host-lr decay per episode; 0: constant
     lr_min_frac: float = 0.05
+    # What a seed's counterfactual contribution measures: accuracy points it adds, or the
+    # percent of the validation loss without it that it removes (finer for language models).
+    contribution: str = "accuracy"
 
 
 class MorphogeneticBatch:
@@ -87,6 +89,8 @@ class MorphogeneticBatch:
                  env_offset: int = 0) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+        if cfg.contribution not in ("accuracy", "loss"):
+            raise ValueError(f"unknown contribution {cfg.contribution!r}; allowed: 'accuracy', 'loss'")
         self.cfg = cfg
         self.task = task
         self.device = task.device
@@ -425,7 +429,7 @@ class MorphogeneticBatch:
         st = as_dicts(self.state)
         ctrl = self.controls()
         correct = torch.zeros(1 + len(self.arch.slots), self.n, device=self.device)
-        loss = torch.zeros(self.n, device=self.device)
+        loss = torch.zeros(1 + len(self.arch.slots), self.n, device=self.device)
         kept: list[torch.Tensor] = []
         # Compiled, the training step's plan (every group present, sizes dynamic: one graph);
         # eager, the exact groups.
@@ -445,9 +449,10 @@ class MorphogeneticBatch:
         total = self.task.val_y.numel()  # images, or tokens
         acc = 100.0 * correct / total
         out = {
-            "val_loss": loss / total,
+            "val_loss": loss[0] / total,
             "val_acc": acc[0],
             "val_acc_without": acc[1:].T.contiguous(),  # [N, S]
+            "val_loss_without": (loss[1:] / total).T.contiguous(),  # [N, S]
         }
         if keep_logits:
             out["val_logits"] = torch.cat(kept, dim=1)
@@ -499,7 +504,12 @@ class MorphogeneticBatch:
             scores = self.test() if test else {}
         with phase("counterfactual"):
             blended = self._stacked("alpha") > 0
-            contribution = torch.where(blended, val["val_acc"].unsqueeze(1) - val["val_acc_without"], 0.0)
+            loss_without = val.pop("val_loss_without")  # read here only, not a signal
+            if self.cfg.contribution == "loss":
+                removed = 100.0 * (loss_without - val["val_loss"].unsqueeze(1)) / loss_without.clamp_min(1e-12)
+                contribution = torch.where(blended, removed, 0.0)
+            else:
+                contribution = torch.where(blended, val["val_acc"].unsqueeze(1) - val["val_acc_without"], 0.0)
         for k, slot in enumerate(self.arch.slots):
             st = self.state["slots", slot]
             st["contribution"] = contribution[:, k]

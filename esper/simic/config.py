@@ -94,6 +94,9 @@ class KasminaSection(_Strict):
     alpha_schedule: Literal["linear", "cosine", "sigmoid"] = Field(
         "linear", description="shape of the alpha ramp while a seed blends in (over its tempo)"
     )
+    contribution: Literal["accuracy", "loss"] = Field(
+        "accuracy", description="a seed's counterfactual contribution: validation accuracy points it "
+        "adds, or percent of the validation loss without it that it removes")
     gates: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")

@@ -64,6 +64,7 @@ def kasmina_config(cfg: TrainingConfig) -> KasminaConfig:
         lr_horizon=cfg.episode.length if k.lr_schedule == "cosine" else 0,
         lr_min_frac=k.lr_min_frac,
         alpha_schedule=k.alpha_schedule,
+        contribution=k.contribution,
     )
 
 
