@@ -33,7 +33,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task-seed", type=int,
                    help="seed of the synthetic task's data (train/val/test images); tune on one, report on others")
     p.add_argument("--device", help="auto (the default: CUDA when available, else the CPU), cpu, cuda, cuda:1, ...")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the epoch: the training step and validation")
     p.add_argument("--telemetry", help="telemetry profile name (minimal..research)")
     p.add_argument("--telemetry-file", type=Path, help="telemetry profile YAML file")
     p.add_argument("--telemetry-set", action="append", default=[], metavar="KEY=VALUE",
