@@ -47,16 +47,19 @@ CAPTURES = TRAIN_CAPTURE | {"logits"}
 
 def score_val_batch(
     arch: Architecture, params: dict, buffers: dict, seeds: dict, ctrl: dict, x: torch.Tensor,
-    y: torch.Tensor, plans: Plans | None, num_classes: int,
+    y: torch.Tensor, plans: Plans | None, num_classes: int, loss_rows: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One validation batch: correct targets and summed loss per row ``[1 + S, N]`` (row 0 the
-    actual model, row ``1 + k`` without slot ``k``'s seed) and the actual model's logits
-    ``[N, targets, K]``. One function, so a compiled run compiles it as one graph."""
+    """One validation batch: correct targets per row ``[1 + S, N]`` (row 0 the actual model,
+    row ``1 + k`` without slot ``k``'s seed), the summed loss of the first ``loss_rows`` rows
+    ``[loss_rows, N]`` (1: the actual model; ``1 + S`` when contribution is loss-based) and the
+    actual model's logits ``[N, targets, K]``. One function, so a compiled run compiles it as
+    one graph."""
     logits = forward_eval(arch, params, buffers, seeds, ctrl, x, plans)
     correct = (logits.argmax(dim=-1) == y).flatten(2).sum(dim=-1)
-    rows, n = logits.shape[0], logits.shape[1]
-    loss = F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1).repeat(rows * n),
-                           reduction="none").view(rows, n, -1).sum(-1)
+    n = logits.shape[1]
+    scored = logits[:loss_rows]
+    loss = F.cross_entropy(scored.reshape(-1, num_classes), y.reshape(-1).repeat(loss_rows * n),
+                           reduction="none").view(loss_rows, n, -1).sum(-1)
     return correct, loss, logits[0].reshape(n, -1, num_classes)
 
 
@@ -429,7 +432,9 @@ class MorphogeneticBatch:
         st = as_dicts(self.state)
         ctrl = self.controls()
         correct = torch.zeros(1 + len(self.arch.slots), self.n, device=self.device)
-        loss = torch.zeros(1 + len(self.arch.slots), self.n, device=self.device)
+        # Counterfactual rows' losses only where the contribution reads them.
+        loss_rows = 1 + len(self.arch.slots) if self.cfg.contribution == "loss" else 1
+        loss = torch.zeros(loss_rows, self.n, device=self.device)
         kept: list[torch.Tensor] = []
         # Compiled, the training step's plan (every group present, sizes dynamic: one graph);
         # eager, the exact groups.
@@ -438,7 +443,7 @@ class MorphogeneticBatch:
         for x, y in self.sampler.val_batches(self.cfg.val_batch_size):
             graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
             c, l_sum, actual = self._score_val(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x, y,
-                                               plans, self.num_classes)
+                                               plans, self.num_classes, loss_rows)
             if counters["stats"]["unique_graphs"] != graphs:
                 self.compile_graphs += counters["stats"]["unique_graphs"] - graphs
                 self.compile_seconds += time.perf_counter() - t0
@@ -452,8 +457,9 @@ class MorphogeneticBatch:
             "val_loss": loss[0] / total,
             "val_acc": acc[0],
             "val_acc_without": acc[1:].T.contiguous(),  # [N, S]
-            "val_loss_without": (loss[1:] / total).T.contiguous(),  # [N, S]
         }
+        if loss_rows > 1:
+            out["val_loss_without"] = (loss[1:] / total).T.contiguous()  # [N, S]
         if keep_logits:
             out["val_logits"] = torch.cat(kept, dim=1)
         return out
@@ -504,8 +510,8 @@ class MorphogeneticBatch:
             scores = self.test() if test else {}
         with phase("counterfactual"):
             blended = self._stacked("alpha") > 0
-            loss_without = val.pop("val_loss_without")  # read here only, not a signal
             if self.cfg.contribution == "loss":
+                loss_without = val.pop("val_loss_without")  # read here only, not a signal
                 removed = 100.0 * (loss_without - val["val_loss"].unsqueeze(1)) / loss_without.clamp_min(1e-12)
                 contribution = torch.where(blended, removed, 0.0)
             else:
