@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._triton import HAS_TRITON, esper_op, launcher, next_pow2, use_op, use_triton
+from ._triton import HAS_TRITON, esper_op, next_pow2, use_op, use_triton
 
 __all__ = ["blend", "blend_backward_reference", "blend_reference"]
 
@@ -106,6 +106,7 @@ def _blocks(outer: int, inner: int) -> tuple[int, int]:
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from torch.library import wrap_triton
 
     @triton.jit
     def _blend_fwd_kernel(
@@ -152,7 +153,7 @@ def _blend_fwd_triton(host: Tensor, seed: Tensor, alpha: Tensor, env_dim: int) -
     out = torch.empty_like(h)
     block_o, block_i = _blocks(outer, inner)
     grid = (triton.cdiv(outer, block_o), triton.cdiv(inner, block_i), n)
-    launcher(_blend_fwd_kernel)[grid](
+    wrap_triton(_blend_fwd_kernel)[grid](
         h, s, alpha.contiguous(), out, outer, n, inner, BLOCK_O=block_o, BLOCK_I=block_i
     )
     return out
@@ -167,7 +168,7 @@ def _blend_bwd_triton(
     block_o, block_i = _blocks(outer, inner)
     grid = (triton.cdiv(outer, block_o), triton.cdiv(inner, block_i), n)
     partials = torch.empty((n, grid[0] * grid[1]), device=h.device, dtype=torch.float32)
-    launcher(_blend_bwd_kernel)[grid](
+    wrap_triton(_blend_bwd_kernel)[grid](
         g, h, s, alpha.contiguous(), grad_host, grad_seed, partials, outer, n, inner,
         BLOCK_O=block_o, BLOCK_I=block_i,
     )  # fmt: skip

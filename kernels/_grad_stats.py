@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._blend import _env_layout
-from ._triton import HAS_TRITON, esper_op, launcher, next_pow2, use_triton
+from ._triton import HAS_TRITON, esper_op, next_pow2, use_triton
 
 __all__ = [
     "GradStats",
@@ -99,6 +99,7 @@ def grad_stats_reference(
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from torch.library import wrap_triton
 
     @triton.jit
     def _grad_stats_kernel(
@@ -173,7 +174,7 @@ def _grad_stats_triton(
         (_N_PARTIALS, n, len(flat), width), device=flat[0].device, dtype=torch.float32
     )
     for layer, (g, (chunk, programs)) in enumerate(zip(flat, plans, strict=True)):
-        launcher(_grad_stats_kernel)[(n, programs)](
+        wrap_triton(_grad_stats_kernel)[(n, programs)](
             g, part, g.numel() // n, chunk, layer, part.stride(0), part.stride(1), part.stride(2),
             vanishing_threshold, exploding_threshold, BLOCK=min(_BLOCK, next_pow2(g.numel() // n)),
         )  # fmt: skip

@@ -95,20 +95,6 @@ def esper_op(name: str) -> Callable[[Callable[..., Any]], Any]:
     return decorate
 
 
-def launcher(kernel: Any) -> Any:
-    """``wrap_triton(kernel)``, whose launches ``torch.compile`` can trace; the kernel itself
-    where this torch refuses the interpreter's kernels (torch 2.11 under TRITON_INTERPRET=1:
-    nothing is compiled there, so a plain launch is the same)."""
-    from torch.library import wrap_triton
-
-    try:
-        return wrap_triton(kernel)
-    except RuntimeError:
-        if INTERPRET:
-            return kernel
-        raise
-
-
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (Triton block sizes must be powers of two).
 
