@@ -136,13 +136,25 @@ def test_a_rolled_back_env_is_reported_by_its_run_index(tmp_path: Path) -> None:
     assert [(e["env"], e["message"][:22]) for e in rollbacks] == [(3, "env 3 diverged at epoc")]
 
 
+def _wait_for_epoch(telemetry: Path, timeout: float) -> bool:
+    """True once ``telemetry`` holds an epoch event (each finished epoch is flushed)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if telemetry.exists() and '"kind": "epoch"' in telemetry.read_text().replace('"kind":"', '"kind": "'):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_epoch(cfg_file: Path, tmp_path: Path) -> None:
     argv = ["--policy", "heuristic", "--config", str(cfg_file), "--envs", "4", "--episodes", "200",
-            "--backends", "none", "--device", "cpu"]
+            "--backends", "jsonl", "--run-dir", str(tmp_path / "run"), "--device", "cpu"]
     run = Forked("esper.train", argv, 2, tmp_path / "logs")
-    time.sleep(8)  # mid-run
+    # Mid-run: once rank 0 has flushed a finished epoch (a fixed sleep raced slow starts on a
+    # loaded machine, where the signal landed before the handlers were installed).
+    assert _wait_for_epoch(tmp_path / "run" / "telemetry.jsonl", 120), run.err(0) + run.err(1)
     os.kill(run.procs[1].pid, signal.SIGTERM)
-    assert run.wait(30) == [143, 143], run.err(0) + run.err(1)
+    assert run.wait(60) == [143, 143], run.err(0) + run.err(1)
     said = [run.err(r).strip().splitlines()[-1] for r in (0, 1)]
     assert said[0] == said[1] and said[0].startswith("interrupted;"), said  # the same epoch count
 
