@@ -4,13 +4,14 @@ controller over N batched host-training runs (``--policy heuristic`` etc.)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from esper.compile_cache import compile_line, use_stable_cache
@@ -18,6 +19,7 @@ from esper.leyline import EventKind
 from esper.leyline.events import AnomalyEvent
 from esper.nissa import NissaHub, TelemetryConfig
 from esper.nissa.anomaly import PPO_SCOPE
+from esper.progress import RunProgress
 from esper.report.after_run import report_after, report_target
 from esper.simic.checkpoint import CheckpointError, check_matches, load_checkpoint
 from esper.simic.cli import add_common_args, maybe_trace, run_hub
@@ -53,8 +55,35 @@ OFFLINE_NO_EFFECT = ("--rounds", "--trace", "--report", "--dist-timeout", "--dev
 OFFLINE_SETTINGS = ("--envs", "--episodes", "--episode-length", "--seed", "--task-seed", "--run-dir")
 
 
+RUNS_ENV = "ESPER_RUNS"  # where fresh run directories go (default ./runs)
+# What each field of a PPO round line means (printed in the run's header and in --help).
+ROUND_LEGEND = """\
+round line fields:
+  return       mean episode reward      test / val  accuracy % at the episode's end (held-out test split / validation)
+  fossil       seeds kept per env       params+     parameters added per env
+  ops[...]     share of each action (wait, germinate, advance, cull, fossilize)
+  ok=          share of actions the env accepted (the rest were refused: no free slot, a gate said no)
+  kl, clip     how far the update moved the policy
+  H[...]       entropy of each action head (near 0: it always picks the same)
+  EV           explained variance of the critic (1: it predicts returns; 0 or below: nothing yet)
+  Vvar         variance of the critic's value estimates (near 0: it outputs a constant)
+  |g|          actor and critic gradient norms      lr  learning rate
+  Hx           scale of the entropy bonus (decays over the rounds)
+  passes       PPO passes over the round's data (fewer: stopped at the target KL)"""
+EPILOG = f"""\
+Where results go: each run writes into its own new directory, runs/<policy>-<date>-<time>
+(runs/latest points at the newest; ${RUNS_ENV} moves runs/), unless --run-dir or the config
+names one; a PPO run refuses to overwrite a checkpoint there (--resume or --force). The run
+writes console and JSONL telemetry (--backends changes that) and ends by naming the directory
+and the commands that read it (python -m esper.report DIR, python -m esper.evaluate ...).
+
+{ROUND_LEGEND}
+"""
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m esper.train", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m esper.train", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="ppo",
                    help=f"'ppo' trains the LSTM policy; or run one of {sorted(POLICIES)} (name or name=ARG)")
     p.add_argument("--rounds", type=int, help="PPO rounds (one episode of every env each)")
@@ -116,11 +145,15 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
     is retried next round; if the last round's write fails the run exits 1.
     """
     cfg, profile, save = preflight_ppo(args)
+    link_latest(getattr(args, "fresh_run", None))
     start = time.perf_counter()
     last: tuple[Path, int] | None = None  # the last complete checkpoint and its round
+    n, length = cfg.episode.envs, cfg.episode.length
     with joined(args, cfg) as ranks, StopSignals() as stop, run_hub(for_rank(cfg, ranks)) as hub, \
-            maybe_trace(trace_dir(args, ranks), f"ppo-{cfg.telemetry.profile}"):
+            maybe_trace(trace_dir(args, ranks), f"ppo-{cfg.telemetry.profile}"), \
+            RunProgress(console, enabled=ranks.main) as progress:
         ranks.stop = stop  # a signal on any rank stops every rank after the same epoch
+        progress.phase("building the envs and the policy")
         trainer = PPOTrainer(cfg, hub=hub, profile=profile, ranks=ranks)
         trainer.base_env.pipeline.callbacks.append(stop.check)
         if args.init is not None:
@@ -136,23 +169,45 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
             except (CheckpointError, ConfigError) as err:
                 raise UsageError(f"cannot resume: {err}", "--resume", "a checkpoint of this run's config") from None
             last = (args.resume, trainer.round)
+            stop.kept = f"last checkpoint {args.resume} at round {trainer.round}"
             console.print(f"resumed {args.resume} at round {trainer.round}")
-        console.print(f"PPO (preset {args.preset}): {cfg.episode.envs} envs x {cfg.episode.length} epochs "
+        console.print(f"PPO (preset {args.preset}): {n} envs x {length} epochs "
                       f"per round, {cfg.ppo.rounds} rounds, task seed {cfg.task.seed}, host seed "
                       f"{cfg.episode.seed}, telemetry {profile.name}, compile={cfg.compile}, device={trainer.device}")
+        console.print(f"writing {save} every round and {where_telemetry(cfg)}", highlight=False)
+        console.print(ROUND_LEGEND, style="dim", highlight=False)
         kas = trainer.base_env.kasmina
+        pipe = trainer.base_env.pipeline
+        first_epoch = pipe.epochs
+        round_s: list[float] = []  # seconds per finished round: the ETA of the rounds after this one
+
+        def on_epoch(epochs: int, snap: dict[str, np.ndarray]) -> None:
+            k = epochs - first_epoch
+            progress.advance(k, f"val acc {snap['signals.val_acc'].mean():.1f}")
+            if k == length:  # the round's episodes are done: the learner updates now
+                progress.phase(f"round {trainer.round + 1}/{cfg.ppo.rounds}: PPO update "
+                               f"({cfg.ppo.epochs} passes at most)")
+
+        pipe.callbacks.append(on_epoch)
         try:
             while trainer.round < cfg.ppo.rounds:
                 graphs, compiling = kas.compile_graphs, kas.compile_seconds
+                first_epoch, t0 = pipe.epochs, time.perf_counter()
+                later = cfg.ppo.rounds - trainer.round - 1
+                progress.phase(f"round {trainer.round + 1}/{cfg.ppo.rounds}", total=length, unit="epoch",
+                               per_unit=n, eta_after=later * float(np.median(round_s)) if round_s else 0.0)
                 stats = trainer.train_round()
+                round_s.append(time.perf_counter() - t0 - (kas.compile_seconds - compiling))
                 console.print(f"{time.perf_counter() - start:7.1f}s {stats.line()}", highlight=False, markup=False)
                 if kas.compile_graphs > graphs:  # compile time apart from the round's throughput
                     console.print(" " * 9 + compile_line(kas.compile_graphs - graphs, kas.compile_seconds - compiling,
                                                          trainer.learner.total * cfg.episode.length,
                                                          stats.env_epochs_per_s), highlight=False)
+                progress.phase(f"round {trainer.round}/{cfg.ppo.rounds}: writing the checkpoint")
                 try:
                     trainer.save(save)
                     last = (save, trainer.round)
+                    stop.kept = f"last checkpoint {save} at round {trainer.round}"
                 except OSError as err:
                     failed_save(hub, save, trainer.round, err, last)
                 agree_stop(ranks, stop)
@@ -162,7 +217,6 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
             kept = f"last checkpoint {last[0]} at round {last[1]}" if last else "no checkpoint written"
             print(f"interrupted; {kept}", file=sys.stderr)
             return err.exit_code
-    pipe = trainer.base_env.pipeline
     rolled = sum(1 for h in trainer.history if h.get("rolled_back"))
     if last is None or last[1] != trainer.round:
         kept = f"last checkpoint {last[0]} at round {last[1]}" if last else "no checkpoint written"
@@ -172,7 +226,39 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
     console.print(f"done: {trainer.round} rounds in {time.perf_counter() - start:.1f}s; checkpoint {save}; "
                   f"{pipe.transfers} host transfers for {pipe.epochs} epochs"
                   + (f"; diverged policy updates rolled back: {rolled}" if rolled else ""))
+    if ranks.main:
+        where_next(console, cfg, save)
     return 0
+
+
+def where_telemetry(cfg: TrainingConfig) -> str:
+    """Where this run's telemetry goes, in words."""
+    names = [b.strip().lower() for b in cfg.telemetry.backends]
+    files = [f for b, f in (("jsonl", "telemetry.jsonl"), ("tensorboard", "tensorboard/")) if b in names]
+    if not files:
+        return "no telemetry files (--backends console,jsonl writes them)"
+    return "telemetry to " + ", ".join(str(Path(cfg.run_dir) / f) for f in files)
+
+
+def where_next(console: Console, cfg: TrainingConfig, save: Path | None) -> None:
+    """The run's last words: where everything is and the commands that read it."""
+    run_dir = Path(cfg.run_dir)
+    names = [b.strip().lower() for b in cfg.telemetry.backends]
+    files = [p for p in (save, run_dir / "telemetry.jsonl", run_dir / "report.html") if p is not None and p.exists()]
+    console.print(f"results in {run_dir}: " + (", ".join(str(p) for p in files) or "nothing written"),
+                  highlight=False)
+    console.print("next:", highlight=False)
+    if "jsonl" in names:
+        console.print(f"  python -m esper.report {run_dir}   # an HTML report with plots of this run",
+                      highlight=False, markup=False)
+    held_out = cfg.task.seed + 1
+    if save is not None:
+        console.print(f"  python -m esper.evaluate --policies static,heuristic,ppo={save} --task-seed {held_out}"
+                      "   # the controller against the baselines on a task it never saw", highlight=False,
+                      markup=False)
+    else:
+        console.print(f"  python -m esper.evaluate --policies static,heuristic --task-seed {held_out}"
+                      "   # controllers side by side on identical hosts", highlight=False, markup=False)
 
 
 def failed_save(hub: NissaHub, save: Path, round_: int, err: OSError, last: tuple[Path, int] | None) -> None:
@@ -195,6 +281,57 @@ def summary_table(summaries: list[EpisodeSummary], title: str) -> Table:
     return table
 
 
+def fresh_run_dir(policy: str, now: datetime | None = None) -> Path:
+    """``runs/<policy>-<date>-<time>`` (``-2``, ``-3``... when taken) under ``$ESPER_RUNS``."""
+    root = Path(os.environ.get(RUNS_ENV) or "runs")
+    stem = f"{policy.split('=')[0]}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+    path, i = root / stem, 1
+    while path.exists():
+        i += 1
+        path = root / f"{stem}-{i}"
+    return path
+
+
+def default_outputs(args: argparse.Namespace) -> Path | None:
+    """The main command's run directory rule: unless ``--run-dir`` or the config names one, a run
+    gets a fresh directory (so the same command can run again), and unless ``--backends`` or the
+    config says otherwise it writes console and JSONL telemetry (so ``esper.report`` can read
+    it). Returns the fresh directory, or None. Offline training keeps its own rules; under
+    torchrun every rank must agree on the directory, so the config's applies."""
+    if args.policy in OFFLINE_METHODS:
+        return None
+    from esper.simic.cli import build_config
+
+    try:
+        user = build_config(args).user_set()
+    except (ConfigError, ValueError, OSError):
+        return None  # refused by the run's own checks, in their words
+    if args.backends is None and "backends" not in user.get("telemetry", {}):
+        args.backends = "console,jsonl"
+    if args.run_dir is None and "run_dir" not in user and not launched():
+        args.run_dir = str(fresh_run_dir(args.policy))
+        return Path(args.run_dir)
+    return None
+
+
+def link_latest(run_dir: Path | None) -> None:
+    """Point ``runs/latest`` at the newest fresh run, once its checks passed (a real directory
+    of that name, from an older layout, is left alone)."""
+    if run_dir is None:
+        return
+    latest = run_dir.parent / "latest"
+    if latest.exists() and not latest.is_symlink():
+        return
+    tmp = run_dir.parent / f".latest.{os.getpid()}"
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, latest)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_cli(_main, argv)
 
@@ -206,6 +343,7 @@ def _main(argv: list[str] | None = None) -> int:
     console = Console(quiet=quiet) if sys.stdout.isatty() else Console(width=200, quiet=quiet)
     if args.preset is None:
         args.preset = "ppo" if args.policy == "ppo" else "default"
+    args.fresh_run = default_outputs(args)
     report = report_target(args) if args.policy not in OFFLINE_METHODS else None
     if args.policy == "ppo":
         return report_after(train_ppo(args, console), report if main_rank() else None)
@@ -227,6 +365,7 @@ def _main(argv: list[str] | None = None) -> int:
         raise UsageError(f"{len(specs)} policies given", "--policy", "one policy (esper.evaluate compares several)")
     name = specs[0][0]
     cfg, profile = check_config(args, [name])
+    link_latest(getattr(args, "fresh_run", None))
     with joined(args, cfg) as ranks:
         code = run_controller(args, cfg, profile, console, ranks)
     return report_after(code, report if ranks.main else None)
@@ -242,20 +381,21 @@ def run_controller(args: argparse.Namespace, cfg: TrainingConfig, profile: Telem
         raise UsageError(str(err), "--policy", "a policy that can be built for this env") from None
     total = cfg.episode.episodes * cfg.episode.length
     start = time.perf_counter()
+    if ranks.main:
+        console.print(f"{args.policy} (preset {args.preset}): {cfg.episode.envs} envs x {cfg.episode.episodes} "
+                      f"episodes x {cfg.episode.length} epochs, compile={cfg.compile}, {where_telemetry(cfg)}",
+                      highlight=False)
     try:
         with StopSignals() as stop, run_hub(for_rank(cfg, ranks)) as hub, \
-                maybe_trace(trace_dir(args, ranks), f"{args.policy}-{cfg.telemetry.profile}"), Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
-        ) as progress:
+                maybe_trace(trace_dir(args, ranks), f"{args.policy}-{cfg.telemetry.profile}"), \
+                RunProgress(console, enabled=ranks.main) as progress:
             ranks.stop = stop  # a signal on any rank stops every rank after the same epoch
-            task = progress.add_task(f"{args.policy} x{cfg.episode.envs}", total=total, status="")
+            progress.phase(f"{args.policy} x{cfg.episode.envs}", total=total, unit="epoch", per_unit=cfg.episode.envs)
 
             def on_epoch(step: int, snap: dict[str, np.ndarray]) -> None:
                 acc = snap["signals.val_acc"]
                 live = snap["tracker.seeds_fossilized"].sum()
-                progress.update(task, completed=step,
-                                status=f"val acc {acc.mean():.2f}±{acc.std():.2f}  fossilized {live}")
+                progress.advance(step, f"val acc {acc.mean():.2f}±{acc.std():.2f}  fossilized {live}")
                 stop.check()
 
             runner = EpisodeRunner(env, policy, hub=hub, profile=profile, on_epoch=on_epoch)
@@ -277,6 +417,8 @@ def run_controller(args: argparse.Namespace, cfg: TrainingConfig, profile: Telem
                   f"over {test.size} episodes"
                   + (f" ({excluded} governed episodes excluded)" if excluded else "")
                   + f"; {runner.transfers} host transfers for {runner.epochs} epochs")
+    if ranks.main:
+        where_next(console, cfg, None)
     return 0
 
 

@@ -28,3 +28,10 @@ def _auto_device_is_the_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.
     the CPU everywhere (tests marked ``cuda`` ask for CUDA themselves)."""
     if "cuda" not in request.keywords:
         monkeypatch.setattr("esper.device.cuda_default", lambda: False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runs_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``esper.train`` without ``--run-dir`` makes a fresh ``runs/<policy>-<time>``: in the
+    test's own directory, never the checkout's."""
+    monkeypatch.setenv("ESPER_RUNS", str(tmp_path / "runs"))

@@ -3,7 +3,8 @@
 Every refusal is a :class:`UsageError` printed as ``error: what (where); what is allowed`` on
 stderr with exit status 2 and no traceback (``--debug`` shows one). SIGINT and SIGTERM stop a
 run at the end of the current epoch (:class:`StopSignals`): the hub is flushed, the last
-complete checkpoint is kept, and the command exits 130 or 143 with one line.
+complete checkpoint is kept, and the command exits 130 or 143 with one line; a second signal
+(or a first one during a compile) exits at once.
 """
 
 from __future__ import annotations
@@ -300,19 +301,48 @@ def check_resume(resume: Path, cfg: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- signals
 class StopSignals:
-    """SIGINT/SIGTERM set a flag; :meth:`check` (called once per epoch) raises :class:`Interrupted`.
+    """SIGINT/SIGTERM: the first sets a flag that :meth:`check` (called once per epoch) raises
+    as :class:`Interrupted` (the next safe point), and says so on stderr; a second one exits at
+    once (130 for SIGINT, 143 for SIGTERM) without running library code any further, and so
+    does a first one while torch.compile runs (a compile has no safe point and can take
+    minutes). Whatever was written stays intact: checkpoints are written atomically and
+    telemetry is flushed every epoch. ``kept`` (set by the command) says what is on disk.
 
-    A second signal of the same run stops at once (still one line, no traceback).
+    Messages go straight to file descriptor 2: a handler may run while the main thread is in
+    the middle of printing.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.kept = ""
         self._old: dict[int, Any] = {}
 
+    def _say(self, text: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(2, f"{text}\n".encode())
+
+    def exit_now(self, signum: int, why: str) -> None:
+        """End the process at once with the signal's exit status (no cleanup code runs)."""
+        name = signal.Signals(signum).name
+        kept = f"; {self.kept}" if self.kept else ""
+        with contextlib.suppress(OSError, ValueError):
+            if os.isatty(1):
+                os.write(1, b"\x1b[?25h\n")  # a live view may have hidden the cursor
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        self._say(f"interrupted by {name} {why}: exiting now{kept}")
+        os._exit(EXIT_SIGNAL.get(signal.Signals(signum), 128 + signum))
+
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        from esper.progress import COMPILES
+
+        name = signal.Signals(signum).name
         if self.signum is not None:
-            raise Interrupted(signum)
+            self.exit_now(signum, "again")
+        if COMPILES.active:
+            self.exit_now(signum, f"while compiling {COMPILES.what}")
         self.signum = signum
+        self._say(f"{name}: stopping at the end of this epoch (send it again to exit at once)")
 
     def check(self, *_: object) -> None:
         if self.signum is not None:
