@@ -40,7 +40,7 @@ def _graph_being_compiled() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
-        if "esper" in code.co_filename and code.co_name in GRAPH_NAMES:
+        if frame.f_globals.get("__name__", "").startswith("esper.") and code.co_name in GRAPH_NAMES:
             return GRAPH_NAMES[code.co_name]
         frame = frame.f_back
     return "a graph"

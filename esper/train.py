@@ -175,7 +175,7 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
                       f"per round, {cfg.ppo.rounds} rounds, task seed {cfg.task.seed}, host seed "
                       f"{cfg.episode.seed}, telemetry {profile.name}, compile={cfg.compile}, device={trainer.device}")
         console.print(f"writing {save} every round and {where_telemetry(cfg)}", highlight=False)
-        console.print(ROUND_LEGEND, style="dim", highlight=False)
+        console.print(ROUND_LEGEND, style="dim", highlight=False, markup=False)
         kas = trainer.base_env.kasmina
         pipe = trainer.base_env.pipeline
         first_epoch = pipe.epochs

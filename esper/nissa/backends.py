@@ -52,6 +52,17 @@ def where(event: TelemetryEvent) -> str:
     return f"epoch {event.epoch}"
 
 
+# Anomalies a normal run raises now and then, and why they need nothing from the user. The
+# console shows them at verbosity 1 and up (yellow, with this note), never as red severe lines;
+# at verbosity 0 it counts them and says so once when the run ends. Telemetry keeps them all.
+ROUTINE = {
+    "performance_degradation": "one env's accuracy swings between epochs; the others go on, the governor "
+                               "steps in only when a loss diverges",
+    "value_collapse": "usual while the critic is young (EV on the round lines); a concern only if it lasts "
+                      "the whole run",
+}
+
+
 def _mean(arr: np.ndarray) -> float:
     finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
     return float(finite.mean()) if finite.size else float("nan")
@@ -60,7 +71,8 @@ def _mean(arr: np.ndarray) -> float:
 class ConsoleBackend:
     """Human-readable lines via rich.
 
-    verbosity 0: severe anomalies and run-level warnings (a 64-env run would otherwise print a
+    verbosity 0: severe anomalies (not the routine ones, :data:`ROUTINE`: counted, named at the
+    end) and run-level warnings (a 64-env run would otherwise print a
     line per env per epoch); 1: + per-env warnings, episode ends, one line per epoch (means over
     envs), lifecycle changes, PPO updates; 2: + one line per env per epoch, decisions,
     narratives; 3: + everything else (analytics tables, info anomalies).
@@ -73,6 +85,7 @@ class ConsoleBackend:
             raise ValueError(f"verbosity must be in 0..3, got {verbosity}")
         self.verbosity = verbosity
         self.console = console if console is not None else Console(stderr=True)
+        self.routine: dict[str, int] = {}  # routine anomalies not shown (verbosity 0), by detector
 
     @staticmethod
     def _scalar_summary(payload: Mapping[str, Any], index: int | None) -> str:
@@ -91,7 +104,13 @@ class ConsoleBackend:
 
     def emit(self, event: TelemetryEvent) -> None:
         v, kind = self.verbosity, event.kind
-        if kind is EventKind.ANOMALY:
+        if kind is EventKind.ANOMALY and isinstance(event, AnomalyEvent) and event.detector in ROUTINE:
+            if v >= 1:
+                self.console.print(f"[yellow]{where(event)} {event.detector} (routine: {ROUTINE[event.detector]}): "
+                                   f"{event.message}[/]", highlight=False)
+            else:
+                self.routine[event.detector] = self.routine.get(event.detector, 0) + 1
+        elif kind is EventKind.ANOMALY:
             sev = event.severity if isinstance(event, AnomalyEvent) else "warning"
             shown = {"severe": 0, "warning": 0 if event.env < 0 else 1, "info": 3}.get(sev, 0)
             if v >= shown:
@@ -134,6 +153,12 @@ class ConsoleBackend:
         self.console.file.flush()
 
     def close(self) -> None:
+        if self.routine:
+            counts = ", ".join(f"{d} x{n}" for d, n in sorted(self.routine.items()))
+            self.console.print(f"routine anomalies not shown ({counts}): expected in a normal run; "
+                               "every one is in the telemetry (verbosity 1 prints them)", style="dim",
+                               highlight=False)
+            self.routine = {}
         self.flush()
 
 
