@@ -22,6 +22,7 @@ from rich.table import Table
 import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
 from esper.atomic import atomic_write
 from esper.nissa import TelemetryConfig
+from esper.progress import RunProgress
 from esper.report.compare import check_plot_target, write_comparison
 from esper.simic.checkpoint import load_checkpoint
 from esper.simic.cli import add_common_args, maybe_trace, run_hub
@@ -196,11 +197,19 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None, cfg: TrainingConf
     sequences = cfg.task.family == "lm"
     try:
         with StopSignals() as stop, run_hub(for_rank(cfg, ranks)) as hub, \
-                maybe_trace(trace_dir(args, ranks), f"evaluate-{cfg.telemetry.profile}"):
+                maybe_trace(trace_dir(args, ranks), f"evaluate-{cfg.telemetry.profile}"), \
+                RunProgress(console, enabled=ranks.main) as progress:
             ranks.stop = stop  # a signal on any rank stops every rank after the same epoch
-            for spec, env, policy in runs:
+            for i, (spec, env, policy) in enumerate(runs):
                 start = time.perf_counter()
-                runner = EpisodeRunner(env, policy, hub=hub, profile=profile, on_epoch=stop.check)
+                progress.phase(f"evaluating {spec} ({i + 1}/{len(runs)})", total=cfg.episode.episodes
+                               * cfg.episode.length, unit="epoch", per_unit=cfg.episode.envs)
+
+                def on_epoch(k: int, _snap: object) -> None:
+                    progress.advance(k)
+                    stop.check()
+
+                runner = EpisodeRunner(env, policy, hub=hub, profile=profile, on_epoch=on_epoch)
                 summaries = runner.run(cfg.episode.episodes)
                 results[spec] = aggregate(summaries, time.perf_counter() - start)
                 r = results[spec]

@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
+from esper.progress import RunProgress
 from esper.simic.checkpoint import CheckpointError, check_matches, load_checkpoint
 from esper.simic.cli import add_common_args, make_hub
 from esper.simic.env import MorphogeneticEnv
@@ -66,9 +69,11 @@ def _main(argv: list[str] | None = None) -> int:
     cfg, profile, specs = check_inputs(args)
     command = "python -m esper.generate " + " ".join(argv)
     start = time.perf_counter()
-    with StopSignals() as stop, make_hub(cfg) as hub:  # a signal: no pack, one line, exit 130/143
+    with StopSignals() as stop, make_hub(cfg) as hub, RunProgress(Console()) as progress:  # a signal: no pack
         env = MorphogeneticEnv(cfg, profile=profile, hub=hub)  # one env: its normalizer spans the pack
         env.pipeline.callbacks.append(stop.check)
+        first = [0]  # the pipeline's epoch count when the current policy started
+        env.pipeline.callbacks.append(lambda k, _snap: progress.advance(k - first[0]))
         builder = PackBuilder(env)
         layout = {"obs_size": env.schema.size, "n_slots": len(env.slots), "n_blueprints": len(env.blueprint_names)}
         for spec in specs:  # learned policies must fit this env before anything runs
@@ -87,7 +92,9 @@ def _main(argv: list[str] | None = None) -> int:
             except ValueError as err:
                 print(f"error: {err} (--policies); a policy that can be built for this env", file=sys.stderr)
                 return 2
-            t0 = time.perf_counter()
+            t0, first[0] = time.perf_counter(), env.pipeline.epochs
+            progress.phase(f"generating {spec}", total=cfg.episode.episodes * cfg.episode.length, unit="epoch",
+                           per_unit=cfg.episode.envs)
             for batch in collector_for(env, policy, cfg.episode.episodes):
                 builder.add(batch, env.pipeline.take_summaries(), spec)
             done = [e for e in builder.episodes if e["policy"] == spec]
