@@ -203,7 +203,7 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
                     console.print(" " * 9 + compile_line(kas.compile_graphs - graphs, kas.compile_seconds - compiling,
                                                          trainer.learner.total * cfg.episode.length,
                                                          stats.env_epochs_per_s), highlight=False)
-                progress.phase(f"round {trainer.round}/{cfg.ppo.rounds}: writing the checkpoint")
+                progress.phase(f"round {trainer.round}/{cfg.ppo.rounds}: saving")
                 try:
                     trainer.save(save)
                     last = (save, trainer.round)

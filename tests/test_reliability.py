@@ -78,7 +78,7 @@ RUN = ["--config", "{tiny}", "--run-dir", "{tmp}/run"]
 BAD_FAULTS = {
     "env": {"faults": {"nan_loss_envs": [5]}},
     "epoch": {"faults": {"explode_loss_envs": [0], "at_epoch": 9}},
-    "backend": {"faults": {"failing_backend": "jsonl"}},
+    "backend": {"faults": {"failing_backend": "tensorboard"}},  # the run writes console and jsonl
     "ppo_only": {"faults": {"policy_nan_at_round": 1}},
     "save_only": {"faults": {"checkpoint_fail_rounds": [1]}},
 }
