@@ -175,6 +175,7 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
                       f"per round, {cfg.ppo.rounds} rounds, task seed {cfg.task.seed}, host seed "
                       f"{cfg.episode.seed}, telemetry {profile.name}, compile={cfg.compile}, device={trainer.device}")
         console.print(f"writing {save} every round and {where_telemetry(cfg)}", highlight=False)
+        follow_hint(console, cfg)
         console.print(ROUND_LEGEND, style="dim", highlight=False, markup=False)
         kas = trainer.base_env.kasmina
         pipe = trainer.base_env.pipeline
@@ -238,6 +239,13 @@ def where_telemetry(cfg: TrainingConfig) -> str:
     if not files:
         return "no telemetry files (--backends console,jsonl writes them)"
     return "telemetry to " + ", ".join(str(Path(cfg.run_dir) / f) for f in files)
+
+
+def follow_hint(console: Console, cfg: TrainingConfig) -> None:
+    """How to watch the run from another terminal while it trains (it needs JSONL telemetry)."""
+    if "jsonl" in [b.strip().lower() for b in cfg.telemetry.backends]:
+        console.print(f"follow it from another terminal: python -m esper.report {cfg.run_dir} --live",
+                      highlight=False, markup=False)
 
 
 def where_next(console: Console, cfg: TrainingConfig, save: Path | None) -> None:
@@ -385,6 +393,7 @@ def run_controller(args: argparse.Namespace, cfg: TrainingConfig, profile: Telem
         console.print(f"{args.policy} (preset {args.preset}): {cfg.episode.envs} envs x {cfg.episode.episodes} "
                       f"episodes x {cfg.episode.length} epochs, compile={cfg.compile}, {where_telemetry(cfg)}",
                       highlight=False)
+        follow_hint(console, cfg)
     try:
         with StopSignals() as stop, run_hub(for_rank(cfg, ranks)) as hub, \
                 maybe_trace(trace_dir(args, ranks), f"{args.policy}-{cfg.telemetry.profile}"), \

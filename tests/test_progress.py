@@ -160,6 +160,15 @@ def test_the_readme_train_command_runs_twice_and_names_a_reportable_directory(tm
         assert {"run", "epoch", "ppo_update"} <= kinds
     assert report_main([str(dirs[1])]) == 0
     assert (dirs[1] / "report.html").stat().st_size > 1000
+    capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "300")  # rich wraps at 80 columns otherwise
+    assert report_main([str(dirs[1]), "--live"]) == 0  # not a terminal: one snapshot of the live view
+    snap = capsys.readouterr().out.splitlines()
+    assert snap[0] == f"{dirs[1]}  epoch 2/2  episodes done 2"
+    assert snap[1].startswith("val acc  ") and len(snap[1].split()[2]) == 2  # a sparkline of 2 epochs
+    grid = snap[snap.index("seed stage per env (early mid late in each cell, 8 envs a line):") + 1]
+    assert re.fullmatch(r"   0  [·GTBSPFCER]{3}  [·GTBSPFCER]{3}", grid.rstrip()), grid
+    assert any(s.startswith("seeds by stage: ") for s in snap) and any(s.startswith("PPO round 1: test ") for s in snap)
 
 
 def test_fresh_run_dirs_never_collide(tmp_path: Path, monkeypatch) -> None:
@@ -241,3 +250,10 @@ def test_console_keeps_routine_anomalies_out_of_red_severe_lines() -> None:
         message="accuracy 40.0 is 15.0 below its best 55.0"))
     text = loud.export_text()
     assert "performance_degradation (routine: one env's accuracy swings" in text and "severe" not in text
+
+
+def test_sparkline_scales_from_min_to_max() -> None:
+    from esper.report.live import sparkline
+
+    assert sparkline([10.0, 20.0, 30.0, 40.0], 3) == "▁▅█"  # the last 3, halfway is the 5th of 8
+    assert sparkline([5.0, 5.0], 10) == "▁▁" and sparkline([], 5) == ""
