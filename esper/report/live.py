@@ -139,7 +139,7 @@ def live(run_dir: Path, interval: float, console: Console | None = None) -> Live
     if not console.is_terminal:
         console.print(view.render())
         return view
-    with StopSignals() as stop, Live(view.render(), console=console, refresh_per_second=4) as screen:
+    with StopSignals(first=None) as stop, Live(view.render(), console=console, refresh_per_second=4) as screen:
         while stop.signum is None:
             deadline = time.monotonic() + interval
             while stop.signum is None and time.monotonic() < deadline:

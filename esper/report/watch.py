@@ -21,7 +21,7 @@ def watch(report: Report, interval: float, on_write: Callable[[Path], None] | No
     """Write at once, then again every ``interval`` seconds when events arrived; the final page
     (no refresh) is written when a signal (or ``max_writes``, for tests) stops the loop."""
     writes = 0
-    with StopSignals() as stop:
+    with StopSignals(first="writing the final page") as stop:
         report.update()
         while True:
             path = report.write(refresh=interval)

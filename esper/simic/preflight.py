@@ -312,8 +312,9 @@ class StopSignals:
     the middle of printing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, first: str | None = "stopping at the end of this epoch") -> None:
         self.signum: int | None = None
+        self.first = first  # what the first signal does, said on stderr (None: nothing to say)
         self.kept = ""
         self._old: dict[int, Any] = {}
 
@@ -342,7 +343,8 @@ class StopSignals:
         if COMPILES.active:
             self.exit_now(signum, f"while compiling {COMPILES.what}")
         self.signum = signum
-        self._say(f"{name}: stopping at the end of this epoch (send it again to exit at once)")
+        if self.first:
+            self._say(f"{name}: {self.first} (send it again to exit at once)")
 
     def check(self, *_: object) -> None:
         if self.signum is not None:
