@@ -70,7 +70,7 @@ def _main(argv: list[str] | None = None) -> int:
         env = MorphogeneticEnv(cfg, profile=profile, hub=hub)  # one env: its normalizer spans the pack
         env.pipeline.callbacks.append(stop.check)
         builder = PackBuilder(env)
-        layout = {"obs_size": env.schema.size, "n_slots": len(env.slots), "n_blueprints": len(env.blueprint_names)}
+        layout = {"obs_size": env.schema.size, "n_slots": len(env.slots)}
         for spec in specs:  # learned policies must fit this env before anything runs
             name, arg = parse_spec(spec)
             if name in ("ppo", "ppo_sample"):

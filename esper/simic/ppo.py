@@ -41,6 +41,7 @@ from torchrl.modules.value_norm import RunningValueNorm
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
+from esper.kasmina.blueprints import blueprint_catalogue
 from esper.leyline import NUM_OPS, EventKind, Op, TelemetryEvent
 from esper.leyline.events import AnomalyEvent
 from esper.nissa import AnomalyMonitor, NissaHub, TelemetryConfig, materialize
@@ -175,13 +176,15 @@ class RoundStats:
 def policy_shape(cfg: TrainingConfig, env: MorphogeneticEnv) -> PolicyShape:
     """Network sizes for ``env`` under ``cfg``."""
     sizes = env.action_spec
+    catalogue = blueprint_catalogue()
     return PolicyShape(
         obs_size=env.schema.size,
         n_slots=int(sizes["slot"].space.n),
-        n_blueprints=int(sizes["blueprint"].space.n),
+        n_blueprints=len(catalogue),
         n_tempos=int(sizes["tempo"].space.n),
         hidden_size=cfg.ppo.hidden_size,
         lstm_hidden_size=cfg.ppo.lstm_hidden_size,
+        blueprints=catalogue,
     )
 
 
@@ -227,6 +230,7 @@ class PPOTrainer:
         self.shape = policy_shape(cfg, self.base_env)
         self.value_norm = RunningValueNorm(shape=1, device=self.device)
         self.modules = TamiyoModules(self.shape, self.value_norm, wait_bias=WAIT_BIAS).to(self.device)
+        self.modules.use_blueprints(env.blueprint_names)
         self.env = RecurrentEnv(self.base_env, Compose(InitTracker(), self.modules.primer()))
         # Actions drawn from per-env keyed noise: env i samples alike on any rank (simic.sampling).
         self.collector = collector_for(self.env, keyed_actor(self.modules, env.kasmina, cfg.episode.seed),
@@ -582,7 +586,7 @@ def load_policy(path: str | Path, env: MorphogeneticEnv, deterministic: bool) ->
     observe = ckpt["config"].get("features", {}).get("observe", "minimal")
     check_matches(path, "observation (features.observe)", {"observe": observe},
                   {"observe": env.cfg.features.observe})
-    current = {"obs_size": env.schema.size, "n_slots": len(env.slots), "n_blueprints": len(env.blueprint_names)}
+    current = {"obs_size": env.schema.size, "n_slots": len(env.slots)}
     check_matches(path, "env layout", {k: getattr(saved, k) for k in current}, current)
     norm = env.features.norm
     if norm is not None:
@@ -590,6 +594,10 @@ def load_policy(path: str | Path, env: MorphogeneticEnv, deterministic: bool) ->
         norm.eval()
     modules = TamiyoModules(saved, RunningValueNorm(shape=1)).to(env.device)
     modules.load_state_dict(ckpt["modules"])
+    try:
+        modules.use_blueprints(env.blueprint_names)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     modules.eval()
     return RecurrentPolicy(modules, env.n, deterministic=deterministic)
 
