@@ -26,6 +26,7 @@ from esper.simic.distributed import Ranks, launched, main_rank
 from esper.simic.launch import add_dist_args, agree_stop, for_rank, joined, trace_dir
 from esper.simic.offline import METHODS as OFFLINE_METHODS
 from esper.simic.offline import train_offline
+from esper.simic.mix import MixedTrainer, read_mix
 from esper.simic.ppo import PPOTrainer
 from esper.simic.preflight import (
     Interrupted,
@@ -64,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
                                              "(e.g. one from --policy bc|iql); fresh optimizer, round 0")
     p.add_argument("--data", type=Path, help="episode pack (esper.generate) for --policy bc or iql")
     p.add_argument("--offline-epochs", type=int, help="passes over the pack for --policy bc|iql")
+    p.add_argument("--mix", type=Path, help="train one controller over several settings, a round each in turn: "
+                                            "a YAML file 'settings: [{preset: NAME, <section>: {...}}, ...]' "
+                                            "(esper.simic.mix); --config and the flags apply to every setting")
     p.add_argument("--force", action="store_true", help="let a fresh run (ppo, bc, iql) overwrite an existing checkpoint")
     add_common_args(p)
     add_dist_args(p)
@@ -107,6 +111,27 @@ def preflight_ppo(args: argparse.Namespace) -> tuple[object, object, Path]:
     return cfg, profile, save
 
 
+def mix_configs(args: argparse.Namespace, rounds: int) -> list[TrainingConfig]:
+    """Each setting of ``--mix``: its preset, its overrides, then --config and the flags."""
+    if args.resume is not None:
+        raise UsageError("--resume of a mixed run", "--mix", "start it again with --init from its checkpoint")
+    try:
+        settings = read_mix(args.mix)
+    except ConfigError as err:
+        raise UsageError(str(err), "--mix", "a YAML file 'settings: [{preset: NAME, ...}, ...]'") from None
+    cfgs = []
+    for setting in settings:
+        ns = argparse.Namespace(**vars(args))
+        ns.preset = setting["preset"]
+        ns.base_config = {k: v for k, v in setting.items() if k != "preset"}
+        cfgs.append(check_config(ns, ["ppo"], trains_ppo=True)[0].updated(ppo={"rounds": rounds}))
+    widths = [tuple(getattr(c.ppo, k) for k in WIDTHS) for c in cfgs]
+    if len(set(widths)) > 1:
+        raise UsageError(f"the settings' network widths {WIDTHS} differ: {widths}", "--mix",
+                         "one controller: the same ppo.hidden_size and ppo.lstm_hidden_size in every setting")
+    return cfgs
+
+
 def train_ppo(args: argparse.Namespace, console: Console) -> int:
     """Train with :class:`PPOTrainer`, one progress line per round, checkpoint every round.
 
@@ -116,13 +141,26 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
     is retried next round; if the last round's write fails the run exits 1.
     """
     cfg, profile, save = preflight_ppo(args)
+    mix = mix_configs(args, cfg.ppo.rounds) if args.mix is not None else None
+    if mix is not None:
+        cfg = mix[0]
     start = time.perf_counter()
     last: tuple[Path, int] | None = None  # the last complete checkpoint and its round
     with joined(args, cfg) as ranks, StopSignals() as stop, run_hub(for_rank(cfg, ranks)) as hub, \
             maybe_trace(trace_dir(args, ranks), f"ppo-{cfg.telemetry.profile}"):
         ranks.stop = stop  # a signal on any rank stops every rank after the same epoch
-        trainer = PPOTrainer(cfg, hub=hub, profile=profile, ranks=ranks)
-        trainer.base_env.pipeline.callbacks.append(stop.check)
+        if mix is not None:
+            if ranks.world > 1:
+                raise UsageError("--mix under torchrun", "--mix", "a mixed run as one process")
+            trainer: PPOTrainer | MixedTrainer = MixedTrainer(mix, cfg.ppo.rounds, hub=hub, profile=profile)
+            trainer.add_epoch_callback(stop.check)
+            for i, c in enumerate(mix):
+                console.print(f"setting {i}: task {c.task.name} (seed {c.task.seed}), host {c.kasmina.host}, "
+                              f"blueprints {list(trainer.trainers[i].base_env.blueprint_names)}, "
+                              f"{c.episode.envs} envs x {c.episode.length} epochs")
+        else:
+            trainer = PPOTrainer(cfg, hub=hub, profile=profile, ranks=ranks)
+            trainer.base_env.pipeline.callbacks.append(stop.check)
         if args.init is not None:
             try:
                 trainer.init(args.init)

@@ -213,8 +213,10 @@ class PPOTrainer:
 
     def __init__(
         self, cfg: TrainingConfig, env: MorphogeneticEnv | None = None, hub: NissaHub | None = None,
-        profile: TelemetryConfig | None = None, ranks: Ranks | None = None,
+        profile: TelemetryConfig | None = None, ranks: Ranks | None = None, share: PPOTrainer | None = None,
     ) -> None:
+        """``share``: train the same controller as that trainer (its networks, value and observation
+        normalizers, optimizer) on this trainer's setting (``simic.mix``)."""
         self.cfg = cfg
         self.hub = hub
         self.monitor = AnomalyMonitor()  # value collapse, ratio explosion, LSTM health, drift
@@ -228,8 +230,14 @@ class PPOTrainer:
         total = cfg.episode.envs if self.ranks.world > 1 else env.n
         self.learner = ShardedLearner(self.ranks, env.env_offset, env.n, total)
         self.shape = policy_shape(cfg, self.base_env)
-        self.value_norm = RunningValueNorm(shape=1, device=self.device)
-        self.modules = TamiyoModules(self.shape, self.value_norm, wait_bias=WAIT_BIAS).to(self.device)
+        if share is not None:
+            check_matches("the first setting", "policy shape", asdict(share.shape), asdict(self.shape))
+            self.value_norm, self.modules = share.value_norm, share.modules
+            if share.base_env.features.norm is not None:
+                self.base_env.features.norm = share.base_env.features.norm
+        else:
+            self.value_norm = RunningValueNorm(shape=1, device=self.device)
+            self.modules = TamiyoModules(self.shape, self.value_norm, wait_bias=WAIT_BIAS).to(self.device)
         self.modules.use_blueprints(env.blueprint_names)
         self.env = RecurrentEnv(self.base_env, Compose(InitTracker(), self.modules.primer()))
         # Actions drawn from per-env keyed noise: env i samples alike on any rank (simic.sampling).
@@ -253,7 +261,7 @@ class PPOTrainer:
         # RL health reports the actor's and the critic's gradient norms apart (one can explode alone).
         self._actor_params = [q for q in self.modules.actor.parameters() if q.requires_grad]
         self._critic_params = [q for q in self.modules.critic.parameters() if q.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=p.lr, eps=1e-5)
+        self.optimizer = share.optimizer if share is not None else torch.optim.Adam(self.params, lr=p.lr, eps=1e-5)
         self.shuffle = torch.Generator().manual_seed(cfg.episode.seed + 1)
         self.round = 0
         self.history: list[dict[str, Any]] = []
@@ -400,6 +408,7 @@ class PPOTrainer:
         (test accuracy, return, growth) come from the pipeline's host summaries.
         """
         t0 = time.perf_counter()
+        self.modules.use_blueprints(self.base_env.blueprint_names)  # shared networks: this setting's set
         batch = self.collect()
         summaries = self.base_env.pipeline.take_summaries()
         t1 = time.perf_counter()
