@@ -24,9 +24,9 @@ from esper.simic.cli import add_common_args, maybe_trace, run_hub
 from esper.simic.config import ConfigError, TrainingConfig
 from esper.simic.distributed import Ranks, launched, main_rank
 from esper.simic.launch import add_dist_args, agree_stop, for_rank, joined, trace_dir
+from esper.simic.mix import MixedTrainer, read_mix
 from esper.simic.offline import METHODS as OFFLINE_METHODS
 from esper.simic.offline import train_offline
-from esper.simic.mix import MixedTrainer, read_mix
 from esper.simic.ppo import PPOTrainer
 from esper.simic.preflight import (
     Interrupted,
