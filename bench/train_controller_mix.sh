@@ -14,6 +14,6 @@ run() { echo "+ $*" | tee -a "$OUT/commands.txt"; "$@"; }
 [ -e "$OUT/pack/meta.json" ] || run python -m esper.generate --preset ppo --policies fixed \
   --episodes 1 --envs 16 --task-seed 0 --seed 300 --backends none --out "$OUT/pack"
 [ -e "$OUT/bc.pt" ] || run python -m esper.train --policy bc --preset ppo --data "$OUT/pack" \
-  --save "$OUT/bc.pt" --backends none --run-dir "$OUT/bc"
+  --save "$OUT/bc.pt"
 run python -m esper.train --mix bench/controller_mix.yaml --init "$OUT/bc.pt" --rounds "$ROUNDS" --envs "$ENVS" \
   --seed 200 --save "$OUT/ppo.pt" --force --backends jsonl --run-dir "$OUT/ppo"

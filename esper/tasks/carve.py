@@ -42,8 +42,8 @@ def carve(
     parts: list[list[Tensor]] = [[], [], []]
     for idx in groups:
         n = idx.shape[0]
-        n_val = round(n * val_fraction)
-        n_test = round(n * test_fraction)
+        n_val = int(n * val_fraction + 0.5)  # half up (round() would give 2 for 2.5)
+        n_test = int(n * test_fraction + 0.5)
         parts[1].append(idx[:n_val])
         parts[2].append(idx[n_val : n_val + n_test])
         parts[0].append(idx[n_val + n_test :])
