@@ -69,7 +69,7 @@ def test_own_splits_are_kept_and_a_seed_is_refused(tmp_path: Path) -> None:
         image_folder(root / split, per_class=n)
     task = load_images(root)
     assert (task.train_size, task.val_size, task.test_size) == (18, 6, 9)
-    with pytest.raises(ValueError, match="task.seed .* has no effect"):
+    with pytest.raises(ValueError, match=r"task\.seed .* has no effect"):
         load_images(root, seed=3)
 
 
