@@ -183,7 +183,8 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
             while trainer.round < cfg.ppo.rounds:
                 graphs, compiling = kas.compile_graphs, kas.compile_seconds
                 stats = trainer.train_round()
-                console.print(f"{time.perf_counter() - start:7.1f}s {stats.line()}", highlight=False, markup=False)
+                tag = f"[{trainer.history[-1]['task']}, mix round {trainer.round}] " if mix is not None else ""
+                console.print(f"{time.perf_counter() - start:7.1f}s {tag}{stats.line()}", highlight=False, markup=False)
                 if kas.compile_graphs > graphs:  # compile time apart from the round's throughput
                     console.print(" " * 9 + compile_line(kas.compile_graphs - graphs, kas.compile_seconds - compiling,
                                                          trainer.learner.total * cfg.episode.length,
