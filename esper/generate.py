@@ -75,7 +75,7 @@ def _main(argv: list[str] | None = None) -> int:
         first = [0]  # the pipeline's epoch count when the current policy started
         env.pipeline.callbacks.append(lambda k, _snap: progress.advance(k - first[0]))
         builder = PackBuilder(env)
-        layout = {"obs_size": env.schema.size, "n_slots": len(env.slots), "n_blueprints": len(env.blueprint_names)}
+        layout = {"obs_size": env.schema.size, "n_slots": len(env.slots)}
         for spec in specs:  # learned policies must fit this env before anything runs
             name, arg = parse_spec(spec)
             if name in ("ppo", "ppo_sample"):

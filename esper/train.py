@@ -26,6 +26,7 @@ from esper.simic.cli import add_common_args, maybe_trace, run_hub
 from esper.simic.config import ConfigError, TrainingConfig
 from esper.simic.distributed import Ranks, launched, main_rank
 from esper.simic.launch import add_dist_args, agree_stop, for_rank, joined, trace_dir
+from esper.simic.mix import MixedTrainer, read_mix
 from esper.simic.offline import METHODS as OFFLINE_METHODS
 from esper.simic.offline import train_offline
 from esper.simic.ppo import PPOTrainer
@@ -93,6 +94,9 @@ def parser() -> argparse.ArgumentParser:
                                              "(e.g. one from --policy bc|iql); fresh optimizer, round 0")
     p.add_argument("--data", type=Path, help="episode pack (esper.generate) for --policy bc or iql")
     p.add_argument("--offline-epochs", type=int, help="passes over the pack for --policy bc|iql")
+    p.add_argument("--mix", type=Path, help="train one controller over several settings, a round each in turn: "
+                                            "a YAML file 'settings: [{preset: NAME, <section>: {...}}, ...]' "
+                                            "(esper.simic.mix); --config and the flags apply to every setting")
     p.add_argument("--force", action="store_true", help="let a fresh run (ppo, bc, iql) overwrite an existing checkpoint")
     add_common_args(p)
     add_dist_args(p)
@@ -136,6 +140,27 @@ def preflight_ppo(args: argparse.Namespace) -> tuple[object, object, Path]:
     return cfg, profile, save
 
 
+def mix_configs(args: argparse.Namespace, rounds: int) -> list[TrainingConfig]:
+    """Each setting of ``--mix``: its preset, its overrides, then --config and the flags."""
+    if args.resume is not None:
+        raise UsageError("--resume of a mixed run", "--mix", "start it again with --init from its checkpoint")
+    try:
+        settings = read_mix(args.mix)
+    except ConfigError as err:
+        raise UsageError(str(err), "--mix", "a YAML file 'settings: [{preset: NAME, ...}, ...]'") from None
+    cfgs = []
+    for setting in settings:
+        ns = argparse.Namespace(**vars(args))
+        ns.preset = setting["preset"]
+        ns.base_config = {k: v for k, v in setting.items() if k != "preset"}
+        cfgs.append(check_config(ns, ["ppo"], trains_ppo=True)[0].updated(ppo={"rounds": rounds}))
+    widths = [tuple(getattr(c.ppo, k) for k in WIDTHS) for c in cfgs]
+    if len(set(widths)) > 1:
+        raise UsageError(f"the settings' network widths {WIDTHS} differ: {widths}", "--mix",
+                         "one controller: the same ppo.hidden_size and ppo.lstm_hidden_size in every setting")
+    return cfgs
+
+
 def train_ppo(args: argparse.Namespace, console: Console) -> int:
     """Train with :class:`PPOTrainer`, one progress line per round, checkpoint every round.
 
@@ -145,6 +170,9 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
     is retried next round; if the last round's write fails the run exits 1.
     """
     cfg, profile, save = preflight_ppo(args)
+    mix = mix_configs(args, cfg.ppo.rounds) if args.mix is not None else None
+    if mix is not None:
+        cfg = mix[0]
     link_latest(getattr(args, "fresh_run", None))
     start = time.perf_counter()
     last: tuple[Path, int] | None = None  # the last complete checkpoint and its round
@@ -154,8 +182,18 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
             RunProgress(console, enabled=ranks.main) as progress:
         ranks.stop = stop  # a signal on any rank stops every rank after the same epoch
         progress.phase("building the envs and the policy")
-        trainer = PPOTrainer(cfg, hub=hub, profile=profile, ranks=ranks)
-        trainer.base_env.pipeline.callbacks.append(stop.check)
+        if mix is not None:
+            if ranks.world > 1:
+                raise UsageError("--mix under torchrun", "--mix", "a mixed run as one process")
+            trainer: PPOTrainer | MixedTrainer = MixedTrainer(mix, cfg.ppo.rounds, hub=hub, profile=profile)
+            trainer.add_epoch_callback(stop.check)
+            for i, c in enumerate(mix):
+                console.print(f"setting {i}: task {c.task.name} (seed {c.task.seed}), host {c.kasmina.host}, "
+                              f"blueprints {list(trainer.trainers[i].base_env.blueprint_names)}, "
+                              f"{c.episode.envs} envs x {c.episode.length} epochs")
+        else:
+            trainer = PPOTrainer(cfg, hub=hub, profile=profile, ranks=ranks)
+            trainer.base_env.pipeline.callbacks.append(stop.check)
         if args.init is not None:
             try:
                 trainer.init(args.init)
@@ -178,8 +216,7 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
         follow_hint(console, cfg)
         console.print(ROUND_LEGEND, style="dim", highlight=False, markup=False)
         kas = trainer.base_env.kasmina
-        pipe = trainer.base_env.pipeline
-        first_epoch = pipe.epochs
+        first_epoch = trainer.base_env.pipeline.epochs  # of the env that trains this round
         round_s: list[float] = []  # seconds per finished round: the ETA of the rounds after this one
 
         def on_epoch(epochs: int, snap: dict[str, np.ndarray]) -> None:
@@ -189,17 +226,23 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
                 progress.phase(f"round {trainer.round + 1}/{cfg.ppo.rounds}: PPO update "
                                f"({cfg.ppo.epochs} passes at most)")
 
-        pipe.callbacks.append(on_epoch)
+        if mix is not None:
+            trainer.add_epoch_callback(on_epoch)
+        else:
+            trainer.base_env.pipeline.callbacks.append(on_epoch)
         try:
             while trainer.round < cfg.ppo.rounds:
                 graphs, compiling = kas.compile_graphs, kas.compile_seconds
-                first_epoch, t0 = pipe.epochs, time.perf_counter()
+                setting = trainer.current.cfg if mix is not None else cfg  # a mix: this round's setting
+                n, length = setting.episode.envs, setting.episode.length
+                first_epoch, t0 = trainer.base_env.pipeline.epochs, time.perf_counter()
                 later = cfg.ppo.rounds - trainer.round - 1
                 progress.phase(f"round {trainer.round + 1}/{cfg.ppo.rounds}", total=length, unit="epoch",
                                per_unit=n, eta_after=later * float(np.median(round_s)) if round_s else 0.0)
                 stats = trainer.train_round()
                 round_s.append(time.perf_counter() - t0 - (kas.compile_seconds - compiling))
-                console.print(f"{time.perf_counter() - start:7.1f}s {stats.line()}", highlight=False, markup=False)
+                tag = f"[{trainer.history[-1]['task']}, mix round {trainer.round}] " if mix is not None else ""
+                console.print(f"{time.perf_counter() - start:7.1f}s {tag}{stats.line()}", highlight=False, markup=False)
                 if kas.compile_graphs > graphs:  # compile time apart from the round's throughput
                     console.print(" " * 9 + compile_line(kas.compile_graphs - graphs, kas.compile_seconds - compiling,
                                                          trainer.learner.total * cfg.episode.length,
@@ -218,6 +261,7 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
             kept = f"last checkpoint {last[0]} at round {last[1]}" if last else "no checkpoint written"
             print(f"interrupted; {kept}", file=sys.stderr)
             return err.exit_code
+    pipe = trainer.base_env.pipeline
     rolled = sum(1 for h in trainer.history if h.get("rolled_back"))
     if last is None or last[1] != trainer.round:
         kept = f"last checkpoint {last[0]} at round {last[1]}" if last else "no checkpoint written"

@@ -53,7 +53,8 @@ def test_presets_and_errors() -> None:
 def test_shallow_host_stacks_its_slots_after_one_block() -> None:
     spec = host_spec("shallow")
     assert spec.num_blocks == 1 and spec.slot_after == (0, 0, 0)
-    assert spec.spatial_after(16) == (8,) and spec.slot_channels("late") == 16
+    assert spec.spatial_after(16) == ((8, 8),) and spec.slot_channels("late") == 16
+    assert spec.spatial_after((10, 3)) == ((10, 3),)  # not pooled below 4 on either side
 
 
 def test_weights_start_at_pytorch_default_scale() -> None:

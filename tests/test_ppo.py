@@ -10,6 +10,7 @@ from tensordict import TensorDict
 from torchrl.modules import set_recurrent_mode
 from torchrl.modules.value_norm import RunningValueNorm
 
+from esper.kasmina.blueprints import blueprint_catalogue
 from esper.leyline import NUM_OPS, Op
 from esper.simic.checkpoint import CheckpointError, load_checkpoint
 from esper.simic.config import TrainingConfig
@@ -192,10 +193,24 @@ def test_trained_policy_runs_in_evaluate_registry(tmp_path: Path, trained: tuple
     for spec in (f"ppo={path}", f"ppo_sample={path}"):
         summaries = EpisodeRunner(env, make_policy(spec, env, cfg)).run(1)
         assert len(summaries) == env.n
-    # bare ppo is the shipped controller: refused here with a clear layout error (it was
-    # trained on the `ppo` preset's four blueprints, this env has two)
-    with pytest.raises(ValueError, match="env layout mismatch: n_blueprints: checkpoint 4 != run 2"):
-        make_policy("ppo", env, cfg)
+    # The layout does not depend on the blueprint set: the same checkpoint runs where the run
+    # offers other blueprints, in another order, and its blueprint head follows them by name.
+    other_cfg = tiny_config(kasmina={"blueprints": ["conv_light", "norm", "depthwise"]})
+    other = MorphogeneticEnv(other_cfg)
+    policy = make_policy(f"ppo={path}", other, other_cfg)
+    cat = blueprint_catalogue()
+    assert policy.modules.heads.bp_index.tolist() == [cat.index(b) for b in ("conv_light", "norm", "depthwise")]
+    summaries = EpisodeRunner(other, policy).run(1)
+    assert len(summaries) == other.n
+    # ...and on a language-model host (transformer, LM blueprints, 256-byte vocabulary).
+    lm_cfg = TrainingConfig().updated(
+        task={"name": "grammar", "train_size": 64, "val_size": 32, "test_size": 32, "seq_len": 8},
+        kasmina={"host": "lm_small", "batch_size": 32, "val_batch_size": 32, "blueprints": ["mlp", "block"],
+                 "optimizer": "adamw", "host_lr": 0.003},
+        episode={"envs": 4, "length": 3})
+    lm = MorphogeneticEnv(lm_cfg)
+    assert lm.schema.size == env.schema.size
+    assert len(EpisodeRunner(lm, make_policy(f"ppo={path}", lm, lm_cfg)).run(1)) == lm.n
 
 
 def test_modules_shapes() -> None:

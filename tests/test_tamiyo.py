@@ -67,6 +67,29 @@ def test_features_follow_schema_and_zero_unmeasured() -> None:
     assert out[1, idx["mid.contribution"]] == 0.0 and torch.isfinite(out).all()
 
 
+def test_blueprints_land_on_catalogue_columns_and_losses_in_units_of_ln_classes() -> None:
+    """A run's blueprint b lights the schema column of its name, whatever the run's set; losses
+    read as fractions of a uniform guess's loss, whatever the number of classes."""
+    import math
+
+    schema = ObservationSchema(history_length=H, blueprints=BPS)
+    stage = torch.full((N, NS), int(S.DORMANT))
+    stage[:, 0] = S.TRAINING
+    sig = signals(stage=stage, blueprint=torch.zeros(N, NS, dtype=torch.long),
+                  val_loss=torch.full((N,), math.log(10.0)), train_loss=torch.full((N,), 1.0))
+    tr = new_tracker(N, NS, H, "cpu")
+    # Run A offers (conv_light, norm), run B (norm,): index 0 of each is another blueprint.
+    run_a = FeatureBuilder(schema, 1000.0, 10, blueprint_columns=[BPS.index("conv_light"), BPS.index("norm")],
+                           num_classes=10)
+    run_b = FeatureBuilder(schema, 1000.0, 10, blueprint_columns=[BPS.index("norm")], num_classes=256)
+    ra, rb = run_a.raw(tr, sig), run_b.raw(tr, sig)
+    idx = schema.index
+    assert ra[0, idx["early.blueprint_conv_light"]] == 1.0 and ra[0, idx["early.blueprint_norm"]] == 0.0
+    assert rb[0, idx["early.blueprint_norm"]] == 1.0 and rb[0, idx["early.blueprint_conv_light"]] == 0.0
+    assert ra[0, idx["val_loss"]] == pytest.approx(1.0)  # ln 10 in units of ln 10
+    assert rb[0, idx["train_loss"]] == pytest.approx(1.0 / math.log(256))
+
+
 def test_tracker_counts_plateau_and_improvement() -> None:
     schema = ObservationSchema(history_length=H, blueprints=BPS)
     fb = FeatureBuilder(schema, 1000.0, 10)

@@ -101,7 +101,7 @@ def test_synthetic_rejects_impossible_config() -> None:
 
 
 def test_registry_names_and_unknown_task() -> None:
-    assert set(TASKS) == {"synthetic", "cifar10", "grammar", "tinystories"}
+    assert set(TASKS) == {"synthetic", "cifar10", "grammar", "tinystories", "images", "text"}
     with pytest.raises(ValueError, match=r"unknown task 'mnist'.*cifar10.*synthetic"):
         load_task("mnist")
 

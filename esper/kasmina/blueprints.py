@@ -295,3 +295,23 @@ register_blueprint(
 
 # The language-model blueprints register themselves on import (one module per family).
 from esper.kasmina import lm_blueprints  # noqa: E402, F401
+
+
+def blueprint_catalogue() -> tuple[str, ...]:
+    """Every registered blueprint, of every family, in registration order.
+
+    Why: a learned controller's observation and blueprint head are laid out over this
+    catalogue, not over one run's blueprint set, so one controller runs on any blueprint set
+    and host (a run's blueprints are a subset, gathered by name).
+    """
+    return tuple(BLUEPRINTS)
+
+
+def catalogue_index(names: tuple[str, ...] | list[str], catalogue: tuple[str, ...] | None = None) -> list[int]:
+    """Positions of ``names`` in ``catalogue`` (this build's when None); unknown names refused."""
+    cat = blueprint_catalogue() if catalogue is None else tuple(catalogue)
+    missing = [n for n in names if n not in cat]
+    if missing:
+        raise ValueError(f"blueprints {missing} are not in the controller's blueprint catalogue {list(cat)}; "
+                         "use a blueprint set drawn from it, or a controller trained with them")
+    return [cat.index(n) for n in names]

@@ -48,21 +48,23 @@ class HostSpec:
     def slot_channels(self, slot: str) -> int:
         return self.widths[self.slot_after[CANONICAL_SLOTS.index(slot)]]
 
-    def spatial_after(self, image_size: int) -> tuple[int, ...]:
-        """Spatial size after each block (a block pools 2x2 while the map is at least 4 wide)."""
-        sizes, s = [], image_size
+    def spatial_after(self, image_size: int | tuple[int, int]) -> tuple[tuple[int, int], ...]:
+        """(H, W) after each block: a block pools 2x2 while both sides are at least 4."""
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        sizes = []
         for _ in range(self.num_blocks):
-            if s >= 4:
-                s //= 2
-            sizes.append(s)
+            if min(h, w) >= 4:
+                h, w = h // 2, w // 2
+            sizes.append((h, w))
         return tuple(sizes)
 
-    def slot_spatial(self, slot: str, image_size: int) -> int:
+    def slot_spatial(self, slot: str, image_size: int | tuple[int, int]) -> tuple[int, int]:
         return self.spatial_after(image_size)[self.slot_after[CANONICAL_SLOTS.index(slot)]]
 
     def slot_positions(self, slot: str, sample_shape: tuple[int, ...]) -> int:
         """Positions a seed in ``slot`` computes on per sample: its feature map's H*W."""
-        return self.slot_spatial(slot, int(sample_shape[1])) ** 2
+        h, w = self.slot_spatial(slot, (int(sample_shape[1]), int(sample_shape[2])))
+        return h * w
 
     def param_count(self, sample_shape: tuple[int, ...] | int, num_classes: int) -> int:
         """Host parameters per env, for images ``(C, H, W)`` (or just ``C``)."""
@@ -166,7 +168,7 @@ def host_block(
     new_buffers[f"block{i}.bn_mean"] = m
     new_buffers[f"block{i}.bn_var"] = v
     h = F.relu(h)
-    if h.shape[-1] >= 4:
+    if min(h.shape[-2:]) >= 4:  # any image size, square or not
         h = F.max_pool2d(h, 2)
     return h
 

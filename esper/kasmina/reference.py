@@ -127,7 +127,7 @@ class ReferenceHost(nn.Module):
     def _block(self, i: int, h: torch.Tensor) -> torch.Tensor:
         block = self.blocks[i]
         h = F.relu(block["bn"](block["conv"](h)))
-        return F.max_pool2d(h, 2) if h.shape[-1] >= 4 else h
+        return F.max_pool2d(h, 2) if min(h.shape[-2:]) >= 4 else h
 
     def _slot(self, slot: str, h: torch.Tensor) -> torch.Tensor:
         if slot not in self.seeds:

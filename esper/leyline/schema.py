@@ -14,8 +14,8 @@ from esper.leyline.actions import NUM_OPS
 from esper.leyline.constants import CANONICAL_SLOTS
 from esper.leyline.stages import SeedStage
 
-SCHEMA_VERSION = 3  # 3: optional diagnostic extras appended; 2: no alpha_target column
-READABLE_VERSIONS = (2, 3)  # a version-2 layout is a version-3 one without extras
+SCHEMA_VERSION = 4  # 4: losses in units of ln(classes); 3: optional diagnostic extras appended
+READABLE_VERSIONS = (2, 3, 4)  # columns are laid out alike; 4 scales the loss columns
 
 # Base (per-env) features that are not histories.
 BASE_SCALARS: tuple[str, ...] = (

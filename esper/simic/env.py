@@ -22,6 +22,7 @@ from torchrl.envs import EnvBase
 
 from esper import rng
 from esper.device import resolve_device
+from esper.kasmina.blueprints import blueprint_catalogue, catalogue_index
 from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
 from esper.kasmina.step import StepHyper
 from esper.leyline import (
@@ -115,11 +116,16 @@ class MorphogeneticEnv(EnvBase):
         self.blueprint_names = mb.blueprint_names
         self.observed = ObservedDiagnostics(load_profile(cfg.features.observe), list(mb.state["host"].keys()),
                                             task.num_classes)
+        # Laid out over every registered blueprint (not this run's set) and with losses in units
+        # of ln(classes): one controller's inputs mean the same on any blueprint set, host and task.
+        catalogue = blueprint_catalogue()
         self.schema = ObservationSchema(
-            history_length=cfg.history_length, blueprints=mb.blueprint_names, slots=mb.arch.slots,
+            history_length=cfg.history_length, blueprints=catalogue, slots=mb.arch.slots,
             extras=self.observed.names,
         )
-        self.features = FeatureBuilder(self.schema, mb.host_params, cfg.episode.length, cfg.features).to(task.device)
+        self.features = FeatureBuilder(self.schema, mb.host_params, cfg.episode.length, cfg.features,
+                                       blueprint_columns=catalogue_index(mb.blueprint_names, catalogue),
+                                       num_classes=task.num_classes).to(task.device)
         self.reward_fn = ShapedReward(cfg.reward, mb.host_params, task.device, gamma=cfg.ppo.gamma)
         self.tracker = self._new_tracker()
         self.signals = self._blank_signals()

@@ -49,6 +49,7 @@ from torchrl.modules import set_recurrent_mode
 from torchrl.modules.value_norm import RunningValueNorm
 from torchrl.objectives import DiscreteIQLLoss, SoftUpdate, ValueEstimators
 
+from esper.kasmina.blueprints import blueprint_catalogue
 from esper.leyline import NUM_OPS
 from esper.simic.checkpoint import CHECKPOINT_VERSION, save_checkpoint
 from esper.simic.config import TrainingConfig
@@ -284,13 +285,15 @@ class EpochStats:
 
 def policy_shape_for(meta: dict[str, Any], cfg: TrainingConfig) -> PolicyShape:
     actions = meta["actions"]
+    catalogue = blueprint_catalogue()
     return PolicyShape(
         obs_size=int(meta["schema"]["size"]),
         n_slots=len(actions["slots"]),
-        n_blueprints=len(actions["blueprints"]),
+        n_blueprints=len(catalogue),
         n_tempos=len(actions["tempos"]),
         hidden_size=cfg.ppo.hidden_size,
         lstm_hidden_size=cfg.ppo.lstm_hidden_size,
+        blueprints=catalogue,
     )
 
 
@@ -325,6 +328,7 @@ class OfflineTrainer:
         self.skipped_steps = int((~td.get("legal")).sum())
         self.value_norm = RunningValueNorm(shape=1)
         self.modules = TamiyoModules(self.shape, self.value_norm, wait_bias=WAIT_BIAS)
+        self.modules.use_blueprints(meta["actions"]["blueprints"])
         self.value_norm.update(self.train_data.get("return_to_go").reshape(-1, 1))
         self.iql: FactoredIQLLoss | None = None
         if self.ocfg.method == "iql":

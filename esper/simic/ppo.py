@@ -41,6 +41,7 @@ from torchrl.modules.value_norm import RunningValueNorm
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
+from esper.kasmina.blueprints import blueprint_catalogue
 from esper.leyline import NUM_OPS, EventKind, Op, TelemetryEvent
 from esper.leyline.events import AnomalyEvent
 from esper.nissa import AnomalyMonitor, NissaHub, TelemetryConfig, materialize
@@ -175,13 +176,15 @@ class RoundStats:
 def policy_shape(cfg: TrainingConfig, env: MorphogeneticEnv) -> PolicyShape:
     """Network sizes for ``env`` under ``cfg``."""
     sizes = env.action_spec
+    catalogue = blueprint_catalogue()
     return PolicyShape(
         obs_size=env.schema.size,
         n_slots=int(sizes["slot"].space.n),
-        n_blueprints=int(sizes["blueprint"].space.n),
+        n_blueprints=len(catalogue),
         n_tempos=int(sizes["tempo"].space.n),
         hidden_size=cfg.ppo.hidden_size,
         lstm_hidden_size=cfg.ppo.lstm_hidden_size,
+        blueprints=catalogue,
     )
 
 
@@ -210,8 +213,10 @@ class PPOTrainer:
 
     def __init__(
         self, cfg: TrainingConfig, env: MorphogeneticEnv | None = None, hub: NissaHub | None = None,
-        profile: TelemetryConfig | None = None, ranks: Ranks | None = None,
+        profile: TelemetryConfig | None = None, ranks: Ranks | None = None, share: PPOTrainer | None = None,
     ) -> None:
+        """``share``: train the same controller as that trainer (its networks, value and observation
+        normalizers, optimizer) on this trainer's setting (``simic.mix``)."""
         self.cfg = cfg
         self.hub = hub
         self.monitor = AnomalyMonitor()  # value collapse, ratio explosion, LSTM health, drift
@@ -225,8 +230,15 @@ class PPOTrainer:
         total = cfg.episode.envs if self.ranks.world > 1 else env.n
         self.learner = ShardedLearner(self.ranks, env.env_offset, env.n, total)
         self.shape = policy_shape(cfg, self.base_env)
-        self.value_norm = RunningValueNorm(shape=1, device=self.device)
-        self.modules = TamiyoModules(self.shape, self.value_norm, wait_bias=WAIT_BIAS).to(self.device)
+        if share is not None:
+            check_matches("the first setting", "policy shape", asdict(share.shape), asdict(self.shape))
+            self.value_norm, self.modules = share.value_norm, share.modules
+            if share.base_env.features.norm is not None:
+                self.base_env.features.norm = share.base_env.features.norm
+        else:
+            self.value_norm = RunningValueNorm(shape=1, device=self.device)
+            self.modules = TamiyoModules(self.shape, self.value_norm, wait_bias=WAIT_BIAS).to(self.device)
+        self.modules.use_blueprints(env.blueprint_names)
         self.env = RecurrentEnv(self.base_env, Compose(InitTracker(), self.modules.primer()))
         # Actions drawn from per-env keyed noise: env i samples alike on any rank (simic.sampling).
         self.collector = collector_for(self.env, keyed_actor(self.modules, env.kasmina, cfg.episode.seed),
@@ -249,7 +261,7 @@ class PPOTrainer:
         # RL health reports the actor's and the critic's gradient norms apart (one can explode alone).
         self._actor_params = [q for q in self.modules.actor.parameters() if q.requires_grad]
         self._critic_params = [q for q in self.modules.critic.parameters() if q.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=p.lr, eps=1e-5)
+        self.optimizer = share.optimizer if share is not None else torch.optim.Adam(self.params, lr=p.lr, eps=1e-5)
         self.shuffle = torch.Generator().manual_seed(cfg.episode.seed + 1)
         self.round = 0
         self.history: list[dict[str, Any]] = []
@@ -396,6 +408,7 @@ class PPOTrainer:
         (test accuracy, return, growth) come from the pipeline's host summaries.
         """
         t0 = time.perf_counter()
+        self.modules.use_blueprints(self.base_env.blueprint_names)  # shared networks: this setting's set
         batch = self.collect()
         summaries = self.base_env.pipeline.take_summaries()
         t1 = time.perf_counter()
@@ -582,7 +595,7 @@ def load_policy(path: str | Path, env: MorphogeneticEnv, deterministic: bool) ->
     observe = ckpt["config"].get("features", {}).get("observe", "minimal")
     check_matches(path, "observation (features.observe)", {"observe": observe},
                   {"observe": env.cfg.features.observe})
-    current = {"obs_size": env.schema.size, "n_slots": len(env.slots), "n_blueprints": len(env.blueprint_names)}
+    current = {"obs_size": env.schema.size, "n_slots": len(env.slots)}
     check_matches(path, "env layout", {k: getattr(saved, k) for k in current}, current)
     norm = env.features.norm
     if norm is not None:
@@ -590,6 +603,10 @@ def load_policy(path: str | Path, env: MorphogeneticEnv, deterministic: bool) ->
         norm.eval()
     modules = TamiyoModules(saved, RunningValueNorm(shape=1)).to(env.device)
     modules.load_state_dict(ckpt["modules"])
+    try:
+        modules.use_blueprints(env.blueprint_names)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     modules.eval()
     return RecurrentPolicy(modules, env.n, deterministic=deterministic)
 

@@ -73,7 +73,7 @@ def keyed_actor(modules: TamiyoModules, batch: MorphogeneticBatch, seed: int) ->
     """The actor of ``modules`` (same parameters) sampling with :class:`EnvNoise`: PPO's collector."""
     shape = modules.shape
     backbone, prob = modules.actor.module[0], modules.actor.module[-1]
-    width = NUM_OPS + shape.n_slots + shape.n_blueprints + shape.n_tempos
+    width = NUM_OPS + shape.n_slots + len(batch.blueprint_names) + shape.n_tempos  # the run's blueprints
     noise = TensorDictModule(EnvNoise(batch, seed, width), in_keys=[("signals", "epoch")], out_keys=[NOISE_KEY])
     keyed = ProbabilisticTensorDictModule(
         in_keys=["params"],

@@ -5,6 +5,8 @@ Everything is ``[N, ...]`` tensor arithmetic: no loop over envs, no host sync.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
@@ -124,9 +126,18 @@ class FeatureBuilder(nn.Module):
         episode_length: int,
         config: FeatureConfig | None = None,
         normalize: bool = True,
+        blueprint_columns: list[int] | None = None,
+        num_classes: int | None = None,
     ) -> None:
+        """``blueprint_columns[b]``: the schema column of the run's blueprint ``b`` (identity when
+        None; a run lays its blueprints over the schema's catalogue). ``num_classes`` scales
+        losses by ``1 / ln(num_classes)`` (a uniform guess's loss), so an observation reads alike
+        on 10 image classes and 256 bytes: a controller that transfers must not see the task's size."""
         super().__init__()
         self.schema = schema
+        cols = blueprint_columns if blueprint_columns is not None else list(range(len(schema.blueprints)))
+        self.register_buffer("_bp_columns", torch.tensor(cols, dtype=torch.long), persistent=False)
+        self.loss_scale = 1.0 / math.log(num_classes) if num_classes is not None and num_classes > 1 else 1.0
         self.host_params = host_params
         self.episode_length = episode_length
         self.config = config if config is not None else FeatureConfig()
@@ -185,14 +196,15 @@ class FeatureBuilder(nn.Module):
         stage = signals["stage"]
         live = self.live[stage]
         acc = 0.01  # accuracy points -> fractions
+        ls = self.loss_scale  # losses in units of a uniform guess's loss
         base = [
             (signals["epoch"].float() / self.episode_length)[:, None],
-            signals["train_loss"][:, None],
-            signals["val_loss"][:, None],
+            ls * signals["train_loss"][:, None],
+            ls * signals["val_loss"][:, None],
             acc * signals["train_acc"][:, None],
             acc * signals["val_acc"][:, None],
             acc * tracker["best_val_acc"][:, None],
-            (signals["val_loss"] - tracker["prev_val_loss"])[:, None],
+            ls * (signals["val_loss"] - tracker["prev_val_loss"])[:, None],
             acc * (signals["val_acc"] - tracker["prev_val_acc"])[:, None],
             tracker["plateau_epochs"].float()[:, None],
             tracker["epochs_since_improvement"].float()[:, None],
@@ -202,7 +214,7 @@ class FeatureBuilder(nn.Module):
             tracker["seeds_culled"].float()[:, None],
             torch.log1p(signals["params_added"] / self.host_params)[:, None],
             tracker["last_accepted"].float()[:, None],
-            tracker["val_loss_hist"],
+            ls * tracker["val_loss_hist"],
             acc * tracker["val_acc_hist"],
             F.one_hot(tracker["last_op"], NUM_OPS).float(),
         ]
@@ -228,7 +240,7 @@ class FeatureBuilder(nn.Module):
             ],
             dim=-1,
         )  # [N, S, 9]
-        bp = F.one_hot(signals["blueprint"], len(self.schema.blueprints)).float() * present[..., None]
+        bp = F.one_hot(self._bp_columns[signals["blueprint"]], len(self.schema.blueprints)).float() * present[..., None]
         per_slot = torch.cat([slot_scalars, F.one_hot(stage, NUM_STAGES).float(), bp], dim=-1)
         out = torch.cat([*base, per_slot.reshape(n, -1), tracker["obs_extra"]], dim=1)
         return torch.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6)

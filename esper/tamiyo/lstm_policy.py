@@ -191,6 +191,9 @@ class _Heads(nn.Module):
         self.slot = nn.Linear(hidden, NUM_OPS * n_slots)
         self.blueprint = nn.Linear(hidden, n_blueprints)
         self.tempo = nn.Linear(hidden, n_tempos)
+        # The blueprint head scores the whole catalogue; a run offers a subset, gathered here
+        # (``TamiyoModules.use_blueprints``), so logits and masks are in the run's own order.
+        self.register_buffer("bp_index", torch.arange(n_blueprints), persistent=False)
         for layer in (self.op, self.slot, self.blueprint, self.tempo):
             nn.init.orthogonal_(layer.weight, gain=0.01)
             nn.init.zeros_(layer.bias)
@@ -206,7 +209,8 @@ class _Heads(nn.Module):
         tempo_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         slot = self.slot(x).unflatten(-1, (NUM_OPS, self.n_slots))
-        return (self.op(x), op_mask, slot, slot_mask, self.blueprint(x), blueprint_mask,
+        blueprint = self.blueprint(x).index_select(-1, self.bp_index)
+        return (self.op(x), op_mask, slot, slot_mask, blueprint, blueprint_mask,
                 self.tempo(x), tempo_mask)
 
 
@@ -239,6 +243,7 @@ class PolicyShape:
     n_tempos: int
     hidden_size: int = 128
     lstm_hidden_size: int = 128
+    blueprints: tuple[str, ...] = ()  # the blueprint head's catalogue (empty: the run's own set)
 
 
 class ZeroStatePrimer(TensorDictPrimer):
@@ -276,6 +281,7 @@ class TamiyoModules(nn.Module):
             out_keys=["critic_features", *(("next", k) for k in CRITIC_STATE)],
         )
         heads = _Heads(lh, shape.n_slots, shape.n_blueprints, shape.n_tempos, wait_bias)
+        self.heads = heads
         param_keys = [("params", h, part) for h in HEAD_KEYS for part in ("logits", "mask")]
         backbone = TensorDictSequential(
             TensorDictModule(_mlp(shape.obs_size, h), in_keys=["observation"], out_keys=["actor_embed"]),
@@ -302,6 +308,23 @@ class TamiyoModules(nn.Module):
             TensorDictModule(DenormalizedValue(lh, value_norm), in_keys=["critic_features"],
                              out_keys=["state_value"]),
         )
+
+    def use_blueprints(self, names: tuple[str, ...] | list[str]) -> TamiyoModules:
+        """Offer the run's blueprints ``names`` (its action order) from the head's catalogue.
+
+        A policy without a catalogue (``shape.blueprints`` empty) needs exactly its own count."""
+        from esper.kasmina.blueprints import catalogue_index
+
+        if self.shape.blueprints:
+            index = catalogue_index(list(names), self.shape.blueprints)
+        elif len(names) == self.shape.n_blueprints:
+            index = list(range(len(names)))
+        else:
+            raise ValueError(f"this controller has {self.shape.n_blueprints} blueprint outputs and no catalogue; "
+                             f"the run offers {len(names)} blueprints {list(names)}")
+        dev = self.heads.bp_index.device
+        self.heads.bp_index = torch.tensor(index, dtype=torch.long, device=dev)
+        return self
 
     def primer(self) -> TensorDictPrimer:
         """The env transform that carries the actor's hidden state between steps."""

@@ -110,7 +110,8 @@ class TaskData(TaskSplits):
     from) and `test` (what results are reported on; nothing decides from it). `*_x` are
     [T, C, H, W] (uint8 raw pixels or float32), `*_y` are [T] int64. `mean`/`std` (per channel,
     on the [0, 1] scale for uint8 data) are applied by `prepare`; `augment` asks the sampler for
-    random crop + flip on training batches only. Validation and test are each one shared set:
+    random crop (zero padding of ``crop_padding`` pixels; 0: no crop) and, when ``flip``, a
+    horizontal mirror, on training batches only. Validation and test are each one shared set:
     every env is scored on the same images.
     """
 
@@ -119,6 +120,7 @@ class TaskData(TaskSplits):
     std: tuple[float, ...] | None = None
     augment: bool = False
     crop_padding: int = 4
+    flip: bool = True
     _mean_t: Tensor | None = field(init=False, repr=False, default=None)
     _std_t: Tensor | None = field(init=False, repr=False, default=None)
 

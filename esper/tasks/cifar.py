@@ -95,7 +95,8 @@ def load_cifar10(
     train_size: int | None = None,
     val_size: int | None = None,
     test_size: int | None = None,
-    augment: bool = True,
+    crop: bool = True,
+    flip: bool = True,
     device: torch.device | str = "cpu",
 ) -> TaskData:
     """CIFAR-10 as a `TaskData` (uint8 on `device`, normalized and augmented at batch time).
@@ -143,6 +144,7 @@ def load_cifar10(
         num_classes=10,
         mean=CIFAR_MEAN,
         std=CIFAR_STD,
-        augment=augment,
-        crop_padding=4,
+        augment=crop or flip,
+        crop_padding=4 if crop else 0,
+        flip=flip,
     )

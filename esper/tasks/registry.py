@@ -8,8 +8,10 @@ from typing import Any
 from esper.tasks.base import TaskData
 from esper.tasks.cifar import load_cifar10
 from esper.tasks.grammar import make_grammar_task
+from esper.tasks.images import load_images
 from esper.tasks.sequence import SequenceTask
 from esper.tasks.synthetic import make_synthetic_task
+from esper.tasks.text import load_text
 from esper.tasks.tinystories import load_tinystories
 
 DEFAULT_TASK = "synthetic"
@@ -18,6 +20,8 @@ TASKS: dict[str, Callable[..., TaskData | SequenceTask]] = {
     "cifar10": load_cifar10,
     "grammar": make_grammar_task,
     "tinystories": load_tinystories,
+    "images": load_images,
+    "text": load_text,
 }
 
 

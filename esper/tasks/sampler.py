@@ -97,7 +97,7 @@ class EnvBatchSampler:
                 span = 2 * pad + 1
                 oy = (u[..., 0] * span).long().clamp_(max=span - 1)
                 ox = (u[..., 1] * span).long().clamp_(max=span - 1)
-                x = crop_flip(x, pad, oy, ox, u[..., 2] < 0.5)
+                x = crop_flip(x, pad, oy, ox, (u[..., 2] < 0.5) & self.task.flip)
             yield self.task.prepare(x), y
 
     def val_batches(
