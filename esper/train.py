@@ -74,7 +74,7 @@ round line fields:
 EPILOG = f"""\
 Where results go: each run writes into its own new directory, runs/<policy>-<date>-<time>
 (runs/latest points at the newest; ${RUNS_ENV} moves runs/), unless --run-dir or the config
-names one; a PPO run refuses to overwrite a checkpoint there (--resume or --force). The run
+names one; --resume CKPT goes on in CKPT's directory. A PPO run refuses to overwrite a checkpoint there (--resume or --force). The run
 writes console and JSONL telemetry (--backends changes that) and ends by naming the directory
 and the commands that read it (python -m esper.report DIR, python -m esper.evaluate ...).
 
@@ -346,7 +346,8 @@ def fresh_run_dir(policy: str, now: datetime | None = None) -> Path:
 
 def default_outputs(args: argparse.Namespace) -> Path | None:
     """The main command's run directory rule: unless ``--run-dir`` or the config names one, a run
-    gets a fresh directory (so the same command can run again), and unless ``--backends`` or the
+    gets a fresh directory (so the same command can run again; ``--resume CKPT`` goes on in
+    CKPT's directory), and unless ``--backends`` or the
     config says otherwise it writes console and JSONL telemetry (so ``esper.report`` can read
     it). Returns the fresh directory, or None. Offline training keeps its own rules; under
     torchrun every rank must agree on the directory, so the config's applies."""
@@ -360,6 +361,9 @@ def default_outputs(args: argparse.Namespace) -> Path | None:
         return None  # refused by the run's own checks, in their words
     if args.backends is None and "backends" not in user.get("telemetry", {}):
         args.backends = "console,jsonl"
+    if args.run_dir is None and "run_dir" not in user and getattr(args, "resume", None) is not None:
+        args.run_dir = str(args.resume.parent)  # a resumed run goes on where it was (telemetry appended)
+        return None
     if args.run_dir is None and "run_dir" not in user and not launched():
         args.run_dir = str(fresh_run_dir(args.policy))
         return Path(args.run_dir)

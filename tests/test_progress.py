@@ -158,6 +158,11 @@ def test_the_readme_train_command_runs_twice_and_names_a_reportable_directory(tm
         assert (d / "ppo.pt").exists()
         kinds = {json.loads(x)["kind"] for x in (d / "telemetry.jsonl").read_text().splitlines()}
         assert {"run", "epoch", "ppo_update"} <= kinds
+    assert train.main([*argv[:-1], "2", "--resume", str(dirs[0] / "ppo.pt")]) == 0  # goes on in place
+    assert re.search(rf"^results in {re.escape(str(dirs[0]))}: ", capsys.readouterr().out, re.M)
+    updates = [json.loads(x)["epoch"] for x in (dirs[0] / "telemetry.jsonl").read_text().splitlines()
+               if '"ppo_update"' in x]
+    assert updates == [1, 2] and len(list((tmp_path / "runs").iterdir())) == 3  # two runs and latest
     assert report_main([str(dirs[1])]) == 0
     assert (dirs[1] / "report.html").stat().st_size > 1000
     capsys.readouterr()
