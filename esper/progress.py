@@ -126,6 +126,7 @@ class RunProgress:
         self._rate_t0, self._rate_done = None, 0
         if self.enabled and not self.live:
             self._line()
+        self._redraw()
 
     def advance(self, done: int, detail: str = "") -> None:
         """``done`` units of this phase finished. The rate is measured from the first unit on,
@@ -134,6 +135,13 @@ class RunProgress:
         if self._rate_t0 is None:
             self._rate_t0, self._rate_done, self._compile_s0 = now, done, COMPILES.seconds
         self.done, self.detail = done, detail
+        self._redraw()
+
+    def _redraw(self) -> None:
+        """On a terminal every change is drawn at once (a fast epoch is not skipped between two
+        timed refreshes); plain output waits for its heartbeat."""
+        if self._view is not None:
+            self._view.refresh()
 
     def rate(self) -> float | None:
         """Units per second since the first finished unit of this phase (None before two)."""

@@ -39,6 +39,10 @@ def _tiny(tmp_path: Path, **episode: int) -> Path:
     return path
 
 
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
 def _read_pty(fd: int, proc: subprocess.Popen, timeout: float) -> list[tuple[float, str]]:
     """Every chunk the child wrote to its terminal, with the time it arrived."""
     chunks, deadline = [], time.monotonic() + timeout
@@ -88,15 +92,18 @@ def test_second_sigint_in_a_long_phase_exits_at_once_and_keeps_the_files(tmp_pat
     """The first Ctrl-C says the run stops at the end of the epoch; a second one ends it within
     5 s (exit 130), and what was written is whole: every telemetry line parses, no temp file."""
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "esper.train", "--config", str(_tiny(tmp_path, length=40)),
+    proc = subprocess.Popen([sys.executable, "-m", "esper.train", "--config", str(_tiny(tmp_path, length=200)),
                              "--preset", "default", "--rounds", "1", "--run-dir", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
     seen = []
     for line in proc.stdout:  # plain lines: stdout is a pipe
         seen.append(line)
-        if "epoch 1/40" in line:
+        if line.startswith("progress: round 1/1 · epoch 0/200"):  # the round's epochs have begun
             break
-    assert any("epoch 1/40" in s for s in seen), "".join(seen) + proc.stderr.read()
+    assert seen[-1].startswith("progress: round 1/1 · epoch"), "".join(seen) + proc.stderr.read()
+    deadline = time.monotonic() + 120
+    while '"kind": "epoch"' not in _text(run / "telemetry.jsonl") and time.monotonic() < deadline:
+        time.sleep(0.05)  # an epoch on disk: the signals come in the middle of the round
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)

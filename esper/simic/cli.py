@@ -111,6 +111,7 @@ def run_hub(cfg: TrainingConfig) -> Iterator[NissaHub]:
         with hub:
             # The run's configuration opens its telemetry (esper.report shows it).
             hub.emit(TelemetryEvent(kind=EventKind.RUN, payload={"config": cfg.model_dump(mode="json")}))
+            hub.flush()  # on disk before any work: a run killed in its first epoch still names its config
             yield hub
     finally:
         for line in hub.loss_report():

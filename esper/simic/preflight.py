@@ -356,9 +356,14 @@ class StopSignals:
                 self._old[sig] = signal.signal(sig, self._handler)
         return self
 
+    def _again(self, signum: int, frame: FrameType | None) -> None:
+        self.exit_now(signum, "again")
+
     def __exit__(self, *exc: object) -> None:
+        # After a stop the process is on its way out (closing telemetry, joining compile
+        # workers): a further signal still exits at once, with its own status.
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            signal.signal(sig, self._again if self.signum is not None else old)
         self._old = {}
 
 
