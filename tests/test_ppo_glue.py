@@ -176,3 +176,21 @@ def test_shaping_telescopes_under_rollback_and_the_discounted_return_is_reported
     for i in (0, 1):
         assert summaries[i].discounted_return == pytest.approx(float((disc[:, 0] * total[:, i]).sum()), abs=1e-6)
         assert summaries[i].total_reward == pytest.approx(float(total[:, i].sum()), abs=1e-6)
+
+
+def test_accepted_is_the_rate_over_the_whole_round() -> None:
+    """``RoundStats.accepted`` counts every decision of the round, not the last epoch's only:
+    one refused decision at the first epoch shows (the last epoch all applied)."""
+    trainer = PPOTrainer(_cfg())
+    collect = trainer.collect
+
+    def with_one_refusal() -> TensorDict:
+        batch = collect()
+        batch["next", "signals", "action_accepted"][0, 0] = False  # as the env reports a refused op
+        return batch
+
+    trainer.collect = with_one_refusal  # type: ignore[method-assign]
+    stats = trainer.train_round()
+    assert trainer.base_env.pipeline.last["signals.action_accepted"].all()
+    assert stats.accepted == pytest.approx(1.0 - 1.0 / 6.0)
+    assert np.isfinite(stats.discounted_return) and stats.discounted_return != stats.mean_return

@@ -142,7 +142,10 @@ class RoundStats:
     """What one round did and learned (host-side floats).
 
     ``test_acc`` is the held-out test accuracy at the end of the round's episodes: what the
-    controller is for. ``final_val_acc`` is what it decided from.
+    controller is for. ``final_val_acc`` is what it decided from. ``mean_return`` is the plain
+    sum of rewards per episode; ``discounted_return`` (``sum_t gamma^t r_t``) is what PPO
+    maximizes, the one in which the potential-based shaping cancels whatever the policy does.
+    ``accepted`` is the fraction of the round's decisions (every env, every epoch) applied.
     """
 
     round: int
@@ -171,12 +174,13 @@ class RoundStats:
     anomalies: list[str] = field(default_factory=list)
     rolled_back: str | None = None  # why this round's update was undone (policy_divergence)
     test_perplexity: float | None = None  # language-model tasks: mean over hosts of exp(test loss)
+    discounted_return: float = float("nan")
 
     def line(self) -> str:
         ops = " ".join(f"{o.name[:4].lower()}={f:.2f}" for o, f in zip(Op, self.op_freq, strict=True))
         ent = " ".join(f"{h}={v:.2f}" for h, v in self.entropy.items())
         return (
-            f"round {self.round:3d}  return {self.mean_return:+.3f}  "
+            f"round {self.round:3d}  return {self.mean_return:+.3f} (discounted {self.discounted_return:+.3f})  "
             + (f"test ppl {self.test_perplexity:.3f}  " if self.test_perplexity is not None else "")
             + f"test {self.test_acc:5.2f}  "
             f"val {self.final_val_acc:5.2f}  fossil {self.fossilized:.2f}  params+ {self.params_added:.0f}  "
@@ -523,6 +527,7 @@ class PPOTrainer:
         return RoundStats(
             round=self.round,
             mean_return=mean("total_reward"),
+            discounted_return=mean("discounted_return"),
             test_acc=mean("test_acc"),
             test_perplexity=(float(np.mean([np.exp(s.test_loss) for s in summaries])) if summaries else float("nan"))
             if self.cfg.task.family == "lm" else None,
