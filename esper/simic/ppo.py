@@ -8,14 +8,18 @@ whole ``[N, T]`` batch with the recurrent critic in recurrent mode (``shifted=Tr
 ``ppo.epochs`` passes over minibatches of *whole env sequences* (never single steps), each
 loss evaluated in recurrent mode from the sequence start. The episode's last step is treated as
 terminal (the horizon is fixed and the observation carries the epoch), so GAE never bootstraps
-across it. Actions are drawn from per-env keyed noise (:mod:`esper.simic.sampling`), and under
+across it; a step the env governor rolled back is masked out of GAE and every loss term
+(:class:`StepMaskedGAE`). After the update the updated policy is judged on the round's batch
+(:func:`~esper.simic.governor.policy_divergence`) and a diverged one is replaced by the policy
+that collected the round. Actions are drawn from per-env keyed noise (:mod:`esper.simic.sampling`), and under
 torchrun each rank holds a block of envs and DDP averages the gradients, with minibatches and
 normalizations taken over the whole run (:mod:`esper.simic.ppo_ranks`): K ranks update the
 policy as one process would.
 
 Hand-written here only what torchrl lacks: the per-head entropy of the factored distribution
 (:class:`FactoredPPOLoss`), value-target normalization inside the critic loss (the hook
-torchrl's MAPPO uses), the whole-sequence minibatching and the round bookkeeping.
+torchrl's MAPPO uses), the rolled-back steps' validity fed to torchrl's ``shifted_valid``, the
+whole-sequence minibatching and the round bookkeeping.
 """
 
 from __future__ import annotations
