@@ -7,7 +7,6 @@ import os
 import pickle
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -438,16 +437,13 @@ def test_fault_governor_keeps_ppo_alive_with_a_diverging_env() -> None:
 
 
 def test_fault_policy_divergence_rule() -> None:
-    ok = SimpleNamespace(entropy={"op": 0.9}, explained_variance=0.1)
-    assert policy_divergence(ok, 0) is None
-    assert "3 non-finite" in policy_divergence(ok, 3)
-    collapsed = SimpleNamespace(entropy={"op": 0.0}, explained_variance=-1011.0)
-    assert policy_divergence(collapsed, 0) == "collapsed: op entropy 0 with explained variance -1.01e+03"
+    assert policy_divergence(0.9, 0.1, 0) is None
+    assert "3 non-finite" in policy_divergence(0.9, 0.1, 3)
+    assert policy_divergence(0.0, -1011.0, 0) == "collapsed: op entropy 0 with explained variance -1.01e+03"
     # one sign alone is a converged policy or a critic catching up, not a divergence
-    assert policy_divergence(SimpleNamespace(entropy={"op": 0.0}, explained_variance=0.1), 0) is None
-    assert policy_divergence(SimpleNamespace(entropy={"op": 0.9}, explained_variance=-1011.0), 0) is None
-    assert "non-finite update" in policy_divergence(SimpleNamespace(entropy={"op": float("nan")},
-                                                                    explained_variance=0.1), 0)
+    assert policy_divergence(0.0, 0.1, 0) is None
+    assert policy_divergence(0.9, -1011.0, 0) is None
+    assert "non-finite update" in policy_divergence(float("nan"), 0.1, 0)
 
 
 def test_fault_diverged_policy_update_is_rolled_back() -> None:

@@ -133,6 +133,7 @@ class MorphogeneticEnv(EnvBase):
         self.pipeline = EpochPipeline(self, profile=profile, hub=hub)
         block = env_offset if env_offset or n != cfg.episode.envs else None  # a block of the run's envs
         self.faults = LossFaults.build(cfg.faults, n, self.device, offset=block)  # a drill's poisoned envs, or None
+        self.reset_by_driver = False  # a collector resets every batch (runner.collector_for): no auto-reset
 
     # ------------------------------------------------------------------------- specs
     def _signal_shape(self, kind: str) -> tuple[int, ...]:
@@ -166,6 +167,7 @@ class MorphogeneticEnv(EnvBase):
             signals=signals,
             tracker=tracker,
             reward_components=components,
+            rolled_back=spec((n,), torch.bool),  # the governor undid this step (PPO masks it)
             shape=(n,),
             device=dev,
         )
@@ -218,6 +220,7 @@ class MorphogeneticEnv(EnvBase):
                 "signals": sig.clone(),
                 "tracker": self.tracker.clone(),
                 "reward_components": components,
+                "rolled_back": torch.zeros(self.n, dtype=torch.bool, device=self.device),
             },
             batch_size=[self.n],
             device=self.device,
@@ -299,7 +302,7 @@ class MorphogeneticEnv(EnvBase):
         a full reset, which torchrl merges without reading a mask on the host.
         """
         done = self.pipeline.host_done
-        if not done.any():
+        if self.reset_by_driver or not done.any():
             return False
         if not done.all():
             tensordict.set("_reset", tensordict.get("done").clone())

@@ -79,6 +79,9 @@ class EpisodeSummary:
     total_reward: float
     reward_components: dict[str, float] = field(default_factory=dict)
     governed: bool = False  # the governor rolled this env back during the episode: not a valid result
+    # sum_t gamma^t r_t, what PPO maximizes and what the shaping leaves invariant (total_reward is
+    # the plain sum, in which the shaping terms do not cancel)
+    discounted_return: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +99,7 @@ class EpisodeSummary:
             "total_reward": self.total_reward,
             "reward_components": dict(self.reward_components),
             "governed": self.governed,
+            "discounted_return": self.discounted_return,
         }
 
 
@@ -105,6 +109,7 @@ class _Track:
     def __init__(self, n: int) -> None:
         self.tokens: list[list[str]] = [[] for _ in range(n)]
         self.reward = np.zeros(n)
+        self.discounted = np.zeros(n)
         self.components: dict[str, np.ndarray] = {}
         self.best = np.zeros(n)
         self.germinated = np.zeros(n, dtype=np.int64)
@@ -112,6 +117,7 @@ class _Track:
     def clear(self, env: int) -> None:
         self.tokens[env] = []
         self.reward[env] = 0.0
+        self.discounted[env] = 0.0
         self.best[env] = 0.0
         self.germinated[env] = 0
         for v in self.components.values():
@@ -212,7 +218,8 @@ class EpochPipeline:
         # This epoch's germinations get fresh seeds (named by the snapshot: no mask crosses
         # to the host, no index list to the device), then group-by-blueprint for the next.
         kas.reinit_germinated(snap["signals.germinated"], snap["signals.blueprint"])
-        kas.set_plan(snap["signals.stage"], snap["signals.blueprint"], snap["signals.germinated"])
+        # The plan from the rows the envs compute next: a rolled-back env's restored seeds.
+        kas.set_plan(*self.governor.planned(snap), snap["signals.germinated"])
         self._governed = self.governor.governed
         if self.view is not None:  # sharded: from here on, every rank's envs (one collective)
             snap, rollbacks, self._governed = self.view(snap, rollbacks, self._governed)
@@ -246,6 +253,7 @@ class EpochPipeline:
             self._emit(event)
         val_acc = snap["signals.val_acc"]
         track.reward += snap["reward"]
+        track.discounted += self.env.reward_fn.gamma ** (epoch.astype(np.float64) - 1) * snap["reward"]
         for key, value in snap.items():
             if key.startswith("reward_components."):
                 name = key.split(".", 1)[1]
@@ -330,6 +338,7 @@ class EpochPipeline:
                 culled=int(snap["tracker.seeds_culled"][i]),
                 germinated=int(track.germinated[i]),
                 total_reward=float(track.reward[i]),
+                discounted_return=float(track.discounted[i]),
                 reward_components={k: float(v[i]) for k, v in track.components.items()},
                 governed=bool(self._governed[i]),
             )

@@ -8,14 +8,18 @@ whole ``[N, T]`` batch with the recurrent critic in recurrent mode (``shifted=Tr
 ``ppo.epochs`` passes over minibatches of *whole env sequences* (never single steps), each
 loss evaluated in recurrent mode from the sequence start. The episode's last step is treated as
 terminal (the horizon is fixed and the observation carries the epoch), so GAE never bootstraps
-across it. Actions are drawn from per-env keyed noise (:mod:`esper.simic.sampling`), and under
+across it; a step the env governor rolled back is masked out of GAE and every loss term
+(:class:`StepMaskedGAE`). After the update the updated policy is judged on the round's batch
+(:func:`~esper.simic.governor.policy_divergence`) and a diverged one is replaced by the policy
+that collected the round. Actions are drawn from per-env keyed noise (:mod:`esper.simic.sampling`), and under
 torchrun each rank holds a block of envs and DDP averages the gradients, with minibatches and
 normalizations taken over the whole run (:mod:`esper.simic.ppo_ranks`): K ranks update the
 policy as one process would.
 
 Hand-written here only what torchrl lacks: the per-head entropy of the factored distribution
 (:class:`FactoredPPOLoss`), value-target normalization inside the critic loss (the hook
-torchrl's MAPPO uses), the whole-sequence minibatching and the round bookkeeping.
+torchrl's MAPPO uses), the rolled-back steps' validity fed to torchrl's ``shifted_valid``, the
+whole-sequence minibatching and the round bookkeeping.
 """
 
 from __future__ import annotations
@@ -106,6 +110,24 @@ class FactoredPPOLoss(ClipPPOLoss):
         return vn.normalize(target_return.detach()), vn.normalize(state_value), old
 
 
+VALID_KEY = "shifted_valid"  # torchrl's per-step validity: GAE truncates before it, the loss masks by it
+
+
+class StepMaskedGAE(GAE):
+    """torchrl's GAE with the steps the governor rolled back (``("next", "rolled_back")``) marked
+    invalid, through torchrl's own ``shifted_valid`` path: the step before an invalid one is
+    truncated (it bootstraps from the value of the state the rolled-back step started in), the
+    invalid step's advantage and target are 0, and ClipPPOLoss leaves it out of every loss term."""
+
+    def _call_value_nets(self, data: TensorDictBase, *args: Any, **kwargs: Any) -> Any:
+        value, next_value, valid = super()._call_value_nets(data, *args, **kwargs)
+        rolled = data.get(("next", "rolled_back"), None)
+        if rolled is not None:
+            ok = ~rolled.reshape(value.shape[:-1])
+            valid = ok if valid is None else valid & ok
+        return value, next_value, valid
+
+
 class RecurrentEnv(TransformedEnv):
     """The env as the policy sees it (recurrent-state primer, init tracker).
 
@@ -125,7 +147,10 @@ class RoundStats:
     """What one round did and learned (host-side floats).
 
     ``test_acc`` is the held-out test accuracy at the end of the round's episodes: what the
-    controller is for. ``final_val_acc`` is what it decided from.
+    controller is for. ``final_val_acc`` is what it decided from. ``mean_return`` is the plain
+    sum of rewards per episode; ``discounted_return`` (``sum_t gamma^t r_t``) is what PPO
+    maximizes, the one in which the potential-based shaping cancels whatever the policy does.
+    ``accepted`` is the fraction of the round's decisions (every env, every epoch) applied.
     """
 
     round: int
@@ -154,12 +179,13 @@ class RoundStats:
     anomalies: list[str] = field(default_factory=list)
     rolled_back: str | None = None  # why this round's update was undone (policy_divergence)
     test_perplexity: float | None = None  # language-model tasks: mean over hosts of exp(test loss)
+    discounted_return: float = float("nan")
 
     def line(self) -> str:
         ops = " ".join(f"{o.name[:4].lower()}={f:.2f}" for o, f in zip(Op, self.op_freq, strict=True))
         ent = " ".join(f"{h}={v:.2f}" for h, v in self.entropy.items())
         return (
-            f"round {self.round:3d}  return {self.mean_return:+.3f}  "
+            f"round {self.round:3d}  return {self.mean_return:+.3f} (discounted {self.discounted_return:+.3f})  "
             + (f"test ppl {self.test_perplexity:.3f}  " if self.test_perplexity is not None else "")
             + f"test {self.test_acc:5.2f}  "
             f"val {self.final_val_acc:5.2f}  fossil {self.fossilized:.2f}  params+ {self.params_added:.0f}  "
@@ -188,11 +214,22 @@ def policy_shape(cfg: TrainingConfig, env: MorphogeneticEnv) -> PolicyShape:
     )
 
 
-def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``1 - Var(target - pred) / Var(target)`` (0 when the target is constant), on the device."""
-    var = target.var()
-    ev = 1.0 - (target - pred).var() / var.clamp_min(1e-12)
-    return torch.where(var > 1e-12, ev, torch.zeros_like(ev))
+def explained_variance(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``1 - Var(target - pred) / Var(target)`` over the ``valid`` steps (0 when the target is
+    constant), on the device."""
+    w = torch.ones_like(target) if valid is None else valid.to(target.dtype)
+    while w.dim() < target.dim():
+        w = w.unsqueeze(-1)
+    w = w.expand_as(target)
+    count = w.sum().clamp_min(2.0)
+
+    def var(x: torch.Tensor) -> torch.Tensor:
+        mean = (x * w).sum() / count
+        return ((x - mean).pow(2) * w).sum() / (count - 1)
+
+    v = var(target)
+    ev = 1.0 - var(target - pred) / v.clamp_min(1e-12)
+    return torch.where(v > 1e-12, ev, torch.zeros_like(ev))
 
 
 def check_resumable(path: str | Path, ckpt: dict[str, Any], cfg: TrainingConfig, envs: int) -> None:
@@ -201,9 +238,13 @@ def check_resumable(path: str | Path, ckpt: dict[str, Any], cfg: TrainingConfig,
     any work (``preflight.check_resume``); :meth:`PPOTrainer.resume` checks it again."""
     saved = TrainingConfig.from_dict(ckpt["config"], str(path)).model_dump(mode="json")
     now = cfg.model_dump(mode="json")
-    learn = ("task", "kasmina", "reward", "ppo", "history_length")
+    # the episode length scales observations and rewards, its seed names the envs; the features
+    # section builds the observations the policy learned on
+    learn = ("task", "kasmina", "reward", "ppo", "history_length", "episode", "features")
     for c in (saved, now):
-        c["ppo"].pop("rounds")  # a resumed run may train for more rounds
+        c["ppo"].pop("rounds")  # a resumed run may train for more rounds (same schedule horizon)
+        c["episode"].pop("envs")  # checked apart, against the checkpoint's env rows
+        c["episode"].pop("episodes")  # episodes per env of a controller run, not read by PPO
     check_matches(path, "env count", {"envs": int(ckpt["env_episode"].numel())}, {"envs": envs})
     check_matches(path, "config", {k: saved[k] for k in learn}, {k: now[k] for k in learn})
 
@@ -244,7 +285,7 @@ class PPOTrainer:
         self.collector = collector_for(self.env, keyed_actor(self.modules, env.kasmina, cfg.episode.seed),
                                        episodes=-1)
         self._batches = iter(self.collector)
-        self.gae = GAE(gamma=p.gamma, lmbda=p.gae_lambda, value_network=self.modules.critic,
+        self.gae = StepMaskedGAE(gamma=p.gamma, lmbda=p.gae_lambda, value_network=self.modules.critic,
                        shifted=True, deactivate_vmap=True)
         self.loss = FactoredPPOLoss(
             self.modules.actor,
@@ -264,6 +305,7 @@ class PPOTrainer:
         self.optimizer = share.optimizer if share is not None else torch.optim.Adam(self.params, lr=p.lr, eps=1e-5)
         self.shuffle = torch.Generator().manual_seed(cfg.episode.seed + 1)
         self.round = 0
+        self.horizon = p.rounds  # rounds the lr/entropy schedules decay over; a resume keeps its run's
         self.history: list[dict[str, Any]] = []
         self.init_from: str | None = None  # the checkpoint this run started from (--init)
         self.lineage: list[dict[str, Any]] = []  # that checkpoint's own provenance / offline record
@@ -286,18 +328,22 @@ class PPOTrainer:
 
     @torch.no_grad()
     def advantages(self, batch: TensorDictBase) -> TensorDictBase:
-        """GAE over whole sequences (recurrent critic, shifted), then fold targets into the norm."""
+        """GAE over whole sequences (recurrent critic, shifted), then fold the valid steps'
+        targets into the norm (a rolled-back step's target is a placeholder 0)."""
         with set_recurrent_mode(True):
             self.gae(batch)
         full = self.learner.gather(batch)  # every rank's envs (the batch itself with one rank)
-        self.value_norm.update(full.get("value_target"))
+        target = full.get("value_target")
+        valid = full.get(VALID_KEY, None)
+        self.value_norm.update(target if valid is None else target[valid.reshape(target.shape[:-1])])
         return batch
 
     def schedule(self) -> dict[str, float]:
         """This round's learning rate and entropy scale: linear from 1 to their final
-        fractions over ``ppo.rounds`` (a resumed run continues the same schedule)."""
+        fractions over the run's first ``ppo.rounds`` (``horizon``, stored in the checkpoint: a
+        run resumed with more rounds stays at the final fractions instead of jumping back)."""
         p = self.cfg.ppo
-        progress = min(self.round / max(p.rounds - 1, 1), 1.0)
+        progress = min(self.round / max(self.horizon - 1, 1), 1.0)
         return {
             "lr": p.lr * (1.0 - (1.0 - p.lr_final_frac) * progress),
             "entropy_scale": 1.0 - (1.0 - p.entropy_final_frac) * progress,
@@ -361,14 +407,21 @@ class PPOTrainer:
 
     @torch.no_grad()
     def health(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
-        """Post-update importance ratios and the actor's LSTM state, for the anomaly checks."""
+        """The updated policy on the round's batch: importance ratios and the actor's LSTM state
+        for the anomaly checks; its op entropy (summed over the valid steps, with their count)
+        and its critic's values, which the policy governor judges."""
         with set_recurrent_mode(True):
-            log_weight = self.loss._log_weight(batch, batch.batch_size)[0]
+            log_weight, dist = self.loss._log_weight(batch, batch.batch_size)[:2]
+            value = self.modules.critic(batch.clone(False)).get("state_value")
         ratio = log_weight.exp()
         lstm = lstm_hidden_stats(batch.get(("next", ACTOR_STATE[0]))[:, -1],
                                  batch.get(("next", ACTOR_STATE[1]))[:, -1], env_dim=0)
+        valid = batch.get(VALID_KEY, None)
+        op_entropy = dist.entropy()["op_entropy"].reshape(batch.batch_size)
+        w = torch.ones_like(op_entropy) if valid is None else valid.reshape(batch.batch_size).to(op_entropy.dtype)
         return {"ratio_max": ratio.max(), "ratio_min": ratio.min(), "lstm_h_norm": lstm["h_norm"].max(),
-                "lstm_c_norm": lstm["c_norm"].max(), "lstm_nonfinite": lstm["nonfinite"].sum().float()}
+                "lstm_c_norm": lstm["c_norm"].max(), "lstm_nonfinite": lstm["nonfinite"].sum().float(),
+                "op_entropy_sum": (op_entropy * w).sum(), "valid_steps": w.sum(), "value": value}
 
     @torch.no_grad()
     def ratio_outliers(self, batch: TensorDictBase, k: int = 8) -> AnomalyEvent:
@@ -415,20 +468,28 @@ class PPOTrainer:
         self.modules.train()
         previous = self._snapshot()  # what a diverged update is rolled back to
         self.advantages(batch)
-        full = self.learner.full  # the whole run's values and targets
-        ev = explained_variance(full.get("state_value"), full.get("value_target"))
+        full = self.learner.full  # the whole run's values, targets and valid steps
+        valid = full.get(VALID_KEY, None)
+        ev = explained_variance(full.get("state_value"), full.get("value_target"), valid)
         metrics = self.update(batch)
         t2 = time.perf_counter()
         self.round += 1
         poison_policy(self.params, self.cfg.faults, self.round)  # fault drill: a diverged update
         n, t = self.learner.total, batch.batch_size[1]
         ops = self.learner.sum(torch.bincount(batch.get("op").reshape(-1), minlength=NUM_OPS).float())
+        health = self.health(batch)  # the updated policy, which the governor judges
+        judged = self.learner.sum(torch.stack([health.pop("op_entropy_sum"), health.pop("valid_steps")]))
+        value = self.learner.gather_rows(health.pop("value"), "PPO batch (updated values)")
+        accepted = batch.get(("next", "signals", "action_accepted")).float()
         device_metrics = TensorDict(
             {**{k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)},
-             **self.learner.health(self.health(batch)),
+             **self.learner.health(health),
              "explained_variance": ev,
              "value_variance": full.get("state_value").float().var(),
              "policy_nonfinite": sum((~torch.isfinite(q)).sum() for q in self.params).float(),
+             "judged_op_entropy": judged[0] / judged[1].clamp_min(1.0),
+             "judged_explained_variance": explained_variance(value, full.get("value_target"), valid),
+             "accepted": self.learner.sum(accepted.sum()) / (n * t),
              "op_freq": ops / (n * t)},
             batch_size=[],
         )
@@ -441,7 +502,10 @@ class PPOTrainer:
         anomalies = self.monitor.check_ppo_update(checks, self.round)
         if any(a.detector == "ratio_explosion" for a in anomalies):  # debug telemetry: name them
             anomalies.append(self.ratio_outliers(batch))
-        stats.rolled_back = policy_divergence(stats, m["policy_nonfinite"])
+        # Judged after the update, on the updated policy: a collapsing update is undone in the
+        # round it happens, back to the policy that collected (judged healthy a round ago).
+        stats.rolled_back = policy_divergence(m["judged_op_entropy"], m["judged_explained_variance"],
+                                              m["policy_nonfinite"])
         if stats.rolled_back is not None:
             self._restore(previous)
             anomalies.append(AnomalyEvent(
@@ -476,11 +540,11 @@ class PPOTrainer:
         def mean(key: str) -> float:
             return float(np.mean([getattr(s, key) for s in summaries])) if summaries else float("nan")
 
-        snap = self.base_env.pipeline.last
         comps = sorted({k for s in summaries for k in s.reward_components})
         return RoundStats(
             round=self.round,
             mean_return=mean("total_reward"),
+            discounted_return=mean("discounted_return"),
             test_acc=mean("test_acc"),
             test_perplexity=(float(np.mean([np.exp(s.test_loss) for s in summaries])) if summaries else float("nan"))
             if self.cfg.task.family == "lm" else None,
@@ -488,7 +552,7 @@ class PPOTrainer:
             fossilized=mean("fossilized"),
             params_added=mean("params_added"),
             op_freq=[float(x) for x in op_freq],
-            accepted=float(snap["signals.action_accepted"].mean()) if snap else float("nan"),
+            accepted=m["accepted"],
             kl=m["kl"],
             clip_fraction=m["clip_fraction"],
             entropy={h: m[h] for h in HEAD_KEYS},
@@ -526,6 +590,7 @@ class PPOTrainer:
         return {
             "version": CHECKPOINT_VERSION,
             "round": self.round,
+            "schedule_rounds": self.horizon,
             "config": self.cfg.model_dump(mode="json"),
             "policy_shape": asdict(self.shape),
             "modules": self.modules.state_dict(),
@@ -564,6 +629,7 @@ class PPOTrainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.shuffle.set_state(ckpt["rng"]["shuffle"])
         self.round = int(ckpt["round"])
+        self.horizon = int(ckpt.get("schedule_rounds", ckpt["config"]["ppo"]["rounds"]))
         self.history = list(ckpt["history"])
         saved_prov = ckpt.get("provenance") or {}
         self.init_from = saved_prov.get("init_from")
@@ -581,6 +647,7 @@ class PPOTrainer:
         if norm is not None and ckpt["obs_norm"]:
             norm.load_state_dict(ckpt["obs_norm"])
         self.round = 0
+        self.horizon = self.cfg.ppo.rounds
         self.history = []
         self.init_from = str(path)
         self.lineage = [x for x in (ckpt.get("provenance"), ckpt.get("offline")) if x is not None]

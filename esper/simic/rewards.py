@@ -66,6 +66,7 @@ class ShapedReward:
         for stage, value in STAGE_POTENTIAL.items():
             pot[stage] = value
         self.potential = pot.to(device)
+        self.host_potential = pot.numpy()  # the same table on the host (the governor's rollback term)
         # Seeds whose counterfactual contribution is paid: live ones and fossilized ones. Paying
         # live seeds only (the reference design) made never fossilizing pay: a 20-round PPO run
         # learned to keep seeds in limbo (README, "Longer training games the reward").
@@ -87,7 +88,9 @@ class ShapedReward:
         measured = self.present[stage] & (signals["alpha"] > 0)
         contribution = cfg.contribution * 0.01 * torch.where(measured, signals["contribution"], 0.0).sum(1)
         # Potential-based shaping (Ng et al. 1999) with the learner's discount; the final state's
-        # potential is 0, so over an episode the shaping terms sum to -Phi(s_0) whatever the policy.
+        # potential is 0, so over an episode the *discounted* shaping terms sum to -Phi(s_0) (0: no
+        # seed at the start) whatever the policy. Their undiscounted sum, in the reported return,
+        # is -(1 - gamma) * sum_t Phi(s_t) and does depend on the policy.
         shaping = self.gamma * torch.where(end, 0.0, self.phi(stage)) - self.phi(before)
         rent = -cfg.rent * torch.log1p(signals["params_added"] / self.host_params)
         action_cost = -self.op_cost[op.long()]

@@ -50,11 +50,14 @@ def collector_for(env: EnvBase, policy: Callable[[TensorDictBase], TensorDictBas
     (``episodes < 0``: endless).
 
     Every batch starts with fresh hosts (a reset at each iteration, none mid-batch), so a
-    batch is exactly one episode and a checkpoint taken between batches resumes exactly.
+    batch is exactly one episode and a checkpoint taken between batches resumes exactly. That
+    reset is the only one: the env does not also auto-reset at the episode's end
+    (``reset_by_driver``), which advanced every env's episode counter by 2 per episode.
     Trajectory ids are not tracked (the env index and the summaries identify episodes, and
     torchrl's id bookkeeping would read the done flags on the host every step).
     """
     base = env.base_env if hasattr(env, "base_env") else env
+    base.reset_by_driver = True
     frames = base.n * base.episode_length
     return Collector(env, PhasedPolicy(policy), frames_per_batch=frames,
                      total_frames=frames * episodes if episodes >= 0 else -1, track_traj_ids=False,
