@@ -201,6 +201,8 @@ class EpochPipeline:
             self._record_env(snap, i)
         for event in self.hindsight.check(snap, self.episode):
             self._emit(event)
+        for i in np.flatnonzero(snap["done"]):  # after the hindsight: an episode's event closes it
+            self._finish_episode(snap, int(i))
         # The latest measured contribution per slot: what a fossilize or cull decided on.
         measured = snap["signals.alpha"] > 0
         self._prev_contribution = np.where(
@@ -254,32 +256,36 @@ class EpochPipeline:
                 delta = payload["accuracy_delta"]
                 track.moment(i, e, token, f"{token}({env.slots[k]})", slot=env.slots[k], blueprint=name,
                              improvement=f"{delta:+.1f}%", accuracy_delta=delta)
-        if bool(snap["done"][i]):
-            test_acc = snap.get("score.test_acc")
-            test_loss = snap.get("score.test_loss")
-            summary = EpisodeSummary(
-                env=i,
-                episode=int(self.completed[i]),
-                trajectory=" → ".join(track.tokens[i]) or "no growth",
-                final_val_acc=val_acc,
-                best_val_acc=float(track.best[i]),
-                test_acc=float(test_acc[i]) if test_acc is not None else float("nan"),
-                test_loss=float(test_loss[i]) if test_loss is not None else float("nan"),
-                params_added=float(snap["signals.params_added"][i]),
-                fossilized=int(snap["tracker.seeds_fossilized"][i]),
-                culled=int(snap["tracker.seeds_culled"][i]),
-                germinated=int(track.germinated[i]),
-                total_reward=float(track.reward[i]),
-                reward_components={k: float(v[i]) for k, v in track.components.items()},
-                governed=bool(self._governed[i]),
-                key_moments=list(track.moments[i]),
-                outcome=outcome(int(track.germinated[i]), int(snap["tracker.seeds_fossilized"][i]),
-                                int(snap["tracker.seeds_culled"][i]), bool(self._governed[i])),
-                decisions=track.decisions[i],  # the last ones get their hindsight after this epoch's check
-            )
-            self.summaries.append(summary)
-            self._emit(TelemetryEvent(kind=EventKind.EPISODE, env=i, epoch=e, payload=summary.to_dict()))
-            self.completed[i] += 1
+
+    def _finish_episode(self, snap: dict[str, np.ndarray], i: int) -> None:
+        """Env ``i``'s episode ended this epoch: its summary and episode event."""
+        track = self.track
+        e, val_acc = int(snap["signals.epoch"][i]), float(snap["signals.val_acc"][i])
+        test_acc = snap.get("score.test_acc")
+        test_loss = snap.get("score.test_loss")
+        summary = EpisodeSummary(
+            env=i,
+            episode=int(self.completed[i]),
+            trajectory=" → ".join(track.tokens[i]) or "no growth",
+            final_val_acc=val_acc,
+            best_val_acc=float(track.best[i]),
+            test_acc=float(test_acc[i]) if test_acc is not None else float("nan"),
+            test_loss=float(test_loss[i]) if test_loss is not None else float("nan"),
+            params_added=float(snap["signals.params_added"][i]),
+            fossilized=int(snap["tracker.seeds_fossilized"][i]),
+            culled=int(snap["tracker.seeds_culled"][i]),
+            germinated=int(track.germinated[i]),
+            total_reward=float(track.reward[i]),
+            reward_components={k: float(v[i]) for k, v in track.components.items()},
+            governed=bool(self._governed[i]),
+            key_moments=list(track.moments[i]),
+            outcome=outcome(int(track.germinated[i]), int(snap["tracker.seeds_fossilized"][i]),
+                            int(snap["tracker.seeds_culled"][i]), bool(self._governed[i])),
+            decisions=track.decisions[i],
+        )
+        self.summaries.append(summary)
+        self._emit(TelemetryEvent(kind=EventKind.EPISODE, env=i, epoch=e, payload=summary.to_dict()))
+        self.completed[i] += 1
 
     def _decision(self, snap: dict[str, np.ndarray], i: int, e: int, op: int, slot: int, bp: int, reason: int,
                   accepted: bool) -> None:
