@@ -177,7 +177,8 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
             console.print(f"resumed {args.resume} at round {trainer.round}")
         console.print(f"PPO (preset {args.preset}): {cfg.episode.envs} envs x {cfg.episode.length} epochs "
                       f"per round, {cfg.ppo.rounds} rounds, task seed {cfg.task.seed}, host seed "
-                      f"{cfg.episode.seed}, telemetry {profile.name}, compile={cfg.compile}, device={trainer.device}")
+                      f"{cfg.episode.seed}, telemetry {profile.name}, reward {cfg.reward.mode}, compile={cfg.compile}, "
+                      f"device={trainer.device}")
         kas = trainer.base_env.kasmina
         try:
             while trainer.round < cfg.ppo.rounds:
@@ -302,7 +303,8 @@ def run_controller(args: argparse.Namespace, cfg: TrainingConfig, profile: Telem
         print(f"interrupted; {env.pipeline.epochs} epochs done, telemetry flushed", file=sys.stderr)
         return err.exit_code
     elapsed = time.perf_counter() - start
-    console.print(summary_table(summaries, f"{args.policy}: {len(summaries)} episodes in {elapsed:.1f}s"))
+    console.print(summary_table(summaries, f"{args.policy}: {len(summaries)} episodes in {elapsed:.1f}s, "
+                                           f"reward {cfg.reward.mode}"))
     if cfg.compile:
         kas = env.kasmina
         frames = runner.epochs * env.n

@@ -32,6 +32,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="base seed of the hosts")
     p.add_argument("--task-seed", type=int,
                    help="seed of the synthetic task's data (train/val/test images); tune on one, report on others")
+    p.add_argument("--reward-mode", help="reward family: shaped (the default), simplified or sparse")
     p.add_argument("--device", help="auto (the default: CUDA when available, else the CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", action="store_true", help="torch.compile the epoch: the training step and validation")
     p.add_argument("--telemetry", help="telemetry profile name (minimal..research)")
@@ -66,6 +67,8 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
         flags["episode"] = episode
     if args.task_seed is not None:
         flags["task"] = {"seed": args.task_seed}
+    if getattr(args, "reward_mode", None) is not None:
+        flags["reward"] = {"mode": args.reward_mode}
     telemetry: dict[str, object] = {}
     if args.telemetry:
         telemetry["profile"] = args.telemetry
