@@ -39,7 +39,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telemetry-file", type=Path, help="telemetry profile YAML file")
     p.add_argument("--telemetry-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile field (repeatable)")
-    p.add_argument("--backends", help="comma-separated: console,jsonl,tensorboard,prometheus; none for no output")
+    p.add_argument("--backends", help="comma-separated: console,jsonl,tensorboard,prometheus,wandb; none for no output")
     p.add_argument("--run-dir", help="where jsonl/tensorboard output goes")
     p.add_argument("--trace", type=Path, metavar="DIR",
                    help="write a torch profiler trace of the run (phases: train, validate, "
