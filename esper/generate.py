@@ -3,7 +3,7 @@
 Each policy in ``--policies`` plays ``--episodes`` episodes on every one of ``--envs`` envs
 through torchrl's collector over the same env (the one epoch pipeline); the batches are
 concatenated along the episode dimension into one pack (:mod:`esper.simic.packs`) for offline
-learning (``python -m esper.train --policy bc|iql --data PACK``). Inputs are checked before any
+learning (``python -m esper.train --policy bc|iql|cql --data PACK``). Inputs are checked before any
 work; errors read ``error: what (where); what is allowed`` on stderr, exit status 2.
 """
 

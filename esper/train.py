@@ -48,7 +48,7 @@ from esper.tamiyo.policies import POLICIES, make_policy
 
 PPO_ONLY = ("--rounds", "--resume", "--init", "--force")
 WIDTHS = ("hidden_size", "lstm_hidden_size")  # policy-shape fields set by the config alone
-# Offline training (bc, iql) runs on the CPU from a pack and emits no telemetry.
+# Offline training (bc, iql, cql) runs on the CPU from a pack and emits no telemetry.
 OFFLINE_NO_EFFECT = ("--rounds", "--trace", "--report", "--dist-timeout", "--device", "--compile", "--telemetry",
                      "--telemetry-file", "--telemetry-set", "--backends")
 # Settings that enter an offline checkpoint's config only through --config/--preset (otherwise
@@ -91,13 +91,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save", type=Path, help="PPO checkpoint written after every round (default RUN_DIR/ppo.pt)")
     p.add_argument("--resume", type=Path, help="continue the PPO run stored in this checkpoint")
     p.add_argument("--init", type=Path, help="start PPO from this checkpoint's actor/critic and obs_norm "
-                                             "(e.g. one from --policy bc|iql); fresh optimizer, round 0")
-    p.add_argument("--data", type=Path, help="episode pack (esper.generate) for --policy bc or iql")
-    p.add_argument("--offline-epochs", type=int, help="passes over the pack for --policy bc|iql")
+                                             "(e.g. one from --policy bc|iql|cql); fresh optimizer, round 0")
+    p.add_argument("--data", type=Path, help="episode pack (esper.generate) for --policy bc, iql or cql")
+    p.add_argument("--offline-epochs", type=int, help="passes over the pack for --policy bc|iql|cql")
     p.add_argument("--mix", type=Path, help="train one controller over several settings, a round each in turn: "
                                             "a YAML file 'settings: [{preset: NAME, <section>: {...}}, ...]' "
                                             "(esper.simic.mix); --config and the flags apply to every setting")
-    p.add_argument("--force", action="store_true", help="let a fresh run (ppo, bc, iql) overwrite an existing checkpoint")
+    p.add_argument("--force", action="store_true", help="let a fresh run (ppo, bc, iql, cql) overwrite an existing checkpoint")
     add_common_args(p)
     add_dist_args(p)
     p.add_argument("--report", action="store_true",
@@ -132,7 +132,7 @@ def preflight_ppo(args: argparse.Namespace) -> tuple[object, object, Path]:
             check_matches(args.init, "policy shape", {k: shape.get(k) for k in WIDTHS},
                           {k: getattr(cfg.ppo, k) for k in WIDTHS})
         except CheckpointError as err:
-            raise UsageError(str(err), "--init", "a checkpoint written by esper.train (ppo, bc or iql) "
+            raise UsageError(str(err), "--init", "a checkpoint written by esper.train (ppo, bc, iql or cql) "
                                                  "with this run's ppo.hidden_size and ppo.lstm_hidden_size") from None
     if args.resume is not None:
         check_resume(args.resume, cfg)
@@ -199,7 +199,7 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
                 trainer.init(args.init)
             except (CheckpointError, ConfigError) as err:
                 raise UsageError(f"cannot start from {args.init}: {err}", "--init",
-                                 "a checkpoint of the same policy shape (esper.train --policy ppo|bc|iql)") from None
+                                 "a checkpoint of the same policy shape (esper.train --policy ppo|bc|iql|cql)") from None
             console.print(f"initialized from {args.init}")
         if args.resume is not None:
             try:
@@ -211,7 +211,7 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
             console.print(f"resumed {args.resume} at round {trainer.round}")
         console.print(f"PPO (preset {args.preset}): {n} envs x {length} epochs "
                       f"per round, {cfg.ppo.rounds} rounds, task seed {cfg.task.seed}, host seed "
-                      f"{cfg.episode.seed}, telemetry {profile.name}, compile={cfg.compile}, device={trainer.device}")
+                      f"{cfg.episode.seed}, telemetry {profile.name}, reward {cfg.reward.mode}, compile={cfg.compile}, device={trainer.device}")
         console.print(f"writing {save} every round and {where_telemetry(cfg)}", highlight=False)
         follow_hint(console, cfg)
         console.print(ROUND_LEGEND, style="dim", highlight=False, markup=False)
@@ -461,7 +461,8 @@ def run_controller(args: argparse.Namespace, cfg: TrainingConfig, profile: Telem
         print(f"interrupted; {env.pipeline.epochs} epochs done, telemetry flushed", file=sys.stderr)
         return err.exit_code
     elapsed = time.perf_counter() - start
-    console.print(summary_table(summaries, f"{args.policy}: {len(summaries)} episodes in {elapsed:.1f}s"))
+    console.print(summary_table(summaries, f"{args.policy}: {len(summaries)} episodes in {elapsed:.1f}s, "
+                                           f"reward {cfg.reward.mode}"))
     if cfg.compile:
         kas = env.kasmina
         frames = runner.epochs * env.n

@@ -83,7 +83,16 @@ def test_heuristic_decisions_carry_context_and_hindsight_k_epochs_later(setting)
                for v in d["payload"]["context"]["why_not_alternatives"].values())
     grown = [d for d in decisions if d["accepted"] and not d["action"].startswith("wait")]
     hindsight = [e for e in events if e["kind"] == "hindsight"]
-    assert grown and len(hindsight) == len(grown)  # every accepted lifecycle decision is judged
+    assert grown and len(grown) < len(decisions)
+    # Every decision, waits and refusals included, is judged exactly once, the last k - 1 of an
+    # episode at its end.
+    judged = sorted((h["env"], h["payload"]["decision_epoch"]) for h in hindsight)
+    assert judged == sorted((d["env"], d["epoch"]) for d in decisions)
+    by_key = {(d["env"], d["epoch"]): d for d in decisions}
+    assert all(h["payload"]["action"] == by_key[(h["env"], h["payload"]["decision_epoch"])]["action"]
+               and h["payload"]["accepted"] == by_key[(h["env"], h["payload"]["decision_epoch"])]["accepted"]
+               for h in hindsight)
+    assert sum(h["payload"]["epochs_later"] < k for h in hindsight) == 2 * (k - 1)
     val = {}  # (env, epoch) -> validation accuracy from the epoch events
     for e in events:
         if e["kind"] == "epoch":
@@ -95,8 +104,17 @@ def test_heuristic_decisions_carry_context_and_hindsight_k_epochs_later(setting)
         assert h["epoch"] == min(p["decision_epoch"] + k - 1, 8) and p["epochs_later"] == h["epoch"] - p["decision_epoch"] + 1
         assert p[f"accuracy_{k}_epochs_later"] == val[(h["env"], h["epoch"])]
         assert p["accuracy_at_decision"] == val.get((h["env"], p["decision_epoch"] - 1), 0.0)
-        assert p["was_good_decision"] == (p["accuracy_delta"] >= 0 and p["seed_stage"] not in (
-            "CULLED", "EMBARGOED", "DORMANT"))
+        acted = p["accepted"] and not p["action"].startswith("wait")
+        assert (p["seed_stage"] is None) == (not acted)
+        assert p["was_good_decision"] == (p["accuracy_delta"] >= 0 and (p["seed_stage"] is None or p["seed_stage"] not in (
+            "CULLED", "EMBARGOED", "DORMANT") or p["action"].startswith("cull")))
+    for d in decisions:  # the context names what the controller saw the epoch before it decided
+        ctx = d["payload"]["context"]
+        assert {"narrative", "red_flags", "opportunities"} <= set(ctx)
+        if d["epoch"] == 1:
+            assert ctx["narrative"].startswith("first epoch") and ctx["red_flags"] == []
+        else:
+            assert ctx["narrative"].startswith(f"env {d['env']} epoch {d['epoch'] - 1}:")
 
 
 def test_ppo_decisions_give_head_probabilities_and_value(setting, tmp_path) -> None:

@@ -117,7 +117,8 @@ def test_generated_pack_is_self_describing(heuristic_pack: Path) -> None:
     assert set(meta["obs_norm_state"]) == {"mean", "var", "count"} and float(meta["obs_norm_state"]["count"]) > 0
     assert meta["policies"] == ["heuristic"] and len(meta["episodes"]) == e
     first = meta["episodes"][0]
-    for k in ("policy", "trajectory", "test_acc", "final_val_acc", "fossilized", "reward_components"):
+    assert first["summary"]["trajectory"] and first["summary"]["outcome"] and len(first["decisions"]) == t
+    for k in ("policy", "episode_id", "test_acc", "final_val_acc", "fossilized", "reward_components"):
         assert k in first, k
     assert (data["reason"] >= 0).all() and (data["op_log_prob"] == 0).all()  # rule policy: no log-probs
     assert data["next", "done"][:, -1].all() and not data["next", "done"][:, :-1].any()

@@ -1,4 +1,5 @@
-"""Output backends: rich console, rotating JSON lines, TensorBoard; ``make_backends`` for the CLI."""
+"""Output backends: rich console, rotating JSON lines, TensorBoard (W&B and Prometheus in their
+own modules); ``make_backends`` for the CLI."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from esper.leyline.events import AnomalyEvent, EventKind, TelemetryEvent
 from esper.nissa.anomaly import PPO_SCOPE
 from esper.nissa.hub import Backend
 
-BACKEND_NAMES: tuple[str, ...] = ("console", "jsonl", "tensorboard", "prometheus")
+BACKEND_NAMES: tuple[str, ...] = ("console", "jsonl", "tensorboard", "prometheus", "wandb")
 
 
 def to_jsonable(value: Any) -> Any:
@@ -288,8 +289,8 @@ def make_backends(
 ) -> list[Backend]:
     """Backends from CLI names (a list or ``"console,jsonl,tensorboard"``).
 
-    JSONL goes to ``<run_dir>/telemetry.jsonl``, TensorBoard to ``<run_dir>/tensorboard``;
-    Prometheus serves ``http://127.0.0.1:<prometheus_port>/metrics`` while the run lasts.
+    JSONL goes to ``<run_dir>/telemetry.jsonl``, TensorBoard to ``<run_dir>/tensorboard``, W&B
+    (offline unless ``WANDB_MODE`` is set) to ``<run_dir>/wandb``; Prometheus serves ``http://127.0.0.1:<prometheus_port>/metrics`` while the run lasts.
     """
     if isinstance(names, str):
         names = [n for n in names.split(",")]
@@ -310,6 +311,10 @@ def make_backends(
             from esper.nissa.prometheus import PrometheusBackend
 
             out.append(PrometheusBackend(prometheus_port))
+        elif name == "wandb":
+            from esper.nissa.wandb_backend import WandbBackend
+
+            out.append(WandbBackend(run))
         else:
             out.append(TensorBoardBackend(run / "tensorboard"))
     return out

@@ -15,14 +15,16 @@ import numpy as np
 
 from esper.leyline import LIVE_STAGES, EventKind, GateId, Op, SeedStage, TelemetryEvent
 from esper.leyline.constants import GateReason
-from esper.nissa.narratives import GATE_REASON_TEXT
+from esper.nissa.narratives import GATE_REASON_TEXT, EnvBrief
 
 S = SeedStage
 _PRESENT = {int(s) for s in LIVE_STAGES} | {int(S.FOSSILIZED)}
 
 GOOD_RULE = (
-    "good when validation accuracy after k more epochs is at least what the controller saw when "
-    "it decided, and a germinated, advanced or fossilized seed is still present (not culled)"
+    "good when validation accuracy after k more epochs (or at the episode's end, if sooner) is at "
+    "least what the controller saw when it decided, and a germinated, advanced or fossilized seed "
+    "is still present (not culled); a wait or a refused action changed nothing and is judged on "
+    "accuracy alone"
 )
 
 
@@ -56,8 +58,14 @@ def why_refused(op: Op, stage: np.ndarray, gate_reason: np.ndarray, slots: Seque
     return "always legal"
 
 
-def decision_context(op: int, reason: str, decided: Mapping[str, np.ndarray], slots: Sequence[str]) -> dict:
-    """``why_this_action`` and ``why_not_alternatives`` for one env's decision.
+NO_BRIEF = "first epoch of the episode: no training history yet"
+
+
+def decision_context(op: int, reason: str, decided: Mapping[str, np.ndarray], slots: Sequence[str],
+                     brief: EnvBrief | None = None) -> dict:
+    """Seed 003's ``decision_context`` for one env's decision: the ``narrative``, ``red_flags``
+    and ``opportunities`` of the epoch the controller decided from (``brief``; None before the
+    first epoch of an episode), ``why_this_action`` and ``why_not_alternatives``.
 
     ``decided`` holds the env's decision-time ``stage [S]``, ``gate_reason [S, G]``, ``op_mask [5]``
     and, for a learned controller, ``op_probs [5]`` (masked softmax) and ``value``.
@@ -79,7 +87,13 @@ def decision_context(op: int, reason: str, decided: Mapping[str, np.ndarray], sl
             alternatives[name] = f"legal, p = {float(probs[int(o)]):.2f}"
         else:
             alternatives[name] = "legal, not chosen"
-    return {"why_this_action": why, "why_not_alternatives": alternatives}
+    return {
+        "narrative": brief.text if brief is not None else NO_BRIEF,
+        "red_flags": list(brief.red_flags) if brief is not None else [],
+        "opportunities": list(brief.opportunities) if brief is not None else [],
+        "why_this_action": why,
+        "why_not_alternatives": alternatives,
+    }
 
 
 @dataclass(slots=True)
@@ -90,10 +104,13 @@ class _Pending:
     slot: int
     action: str
     acc_at_decision: float
+    accepted: bool
+    record: dict | None  # the decision's pack record: its verdict is written into it
 
 
 class Hindsight:
-    """Judges each accepted lifecycle decision ``k`` epochs later (or at its episode's end)."""
+    """Judges every decision, waits and refused ones included, ``k`` epochs later; the last
+    ``k - 1`` epochs' decisions are judged at their episode's end, so none goes unjudged."""
 
     def __init__(self, n_envs: int, k: int, slots: Sequence[str]) -> None:
         if k < 1:
@@ -102,10 +119,11 @@ class Hindsight:
         self.slots = tuple(slots)
         self.pending: list[list[_Pending]] = [[] for _ in range(n_envs)]
 
-    def record(self, env: int, episode: int, epoch: int, op: int, slot: int, action: str, acc_seen: float) -> None:
-        """An accepted non-WAIT decision, taken before epoch ``epoch`` trained, on ``acc_seen``."""
-        if op != Op.WAIT:
-            self.pending[env].append(_Pending(episode, epoch, Op(op), slot, action, acc_seen))
+    def record(self, env: int, episode: int, epoch: int, op: int, slot: int, action: str, acc_seen: float,
+               accepted: bool = True, record: dict | None = None) -> None:
+        """A decision taken before epoch ``epoch`` trained, on ``acc_seen``; ``record`` (a dict)
+        receives the verdict under ``"hindsight"`` when it is made."""
+        self.pending[env].append(_Pending(episode, epoch, Op(op), slot, action, acc_seen, accepted, record))
 
     def check(self, snap: Mapping[str, np.ndarray], episode: np.ndarray) -> list[TelemetryEvent]:
         """Hindsight events for the decisions whose k epochs are up (or whose episode ended)."""
@@ -128,20 +146,24 @@ class Hindsight:
 
     def _verdict(self, snap: Mapping[str, np.ndarray], i: int, p: _Pending, later: int) -> TelemetryEvent:
         acc = float(snap["signals.val_acc"][i])
-        stage = int(snap["signals.stage"][i, p.slot])
+        acted = p.accepted and p.op is not Op.WAIT  # a wait or a refusal left the slots as they were
+        stage = int(snap["signals.stage"][i, p.slot]) if acted else -1
         present = stage in _PRESENT
-        good = acc >= p.acc_at_decision and (p.op is Op.CULL or present)
+        good = acc >= p.acc_at_decision and (not acted or p.op is Op.CULL or present)
         payload = {
             "decision_epoch": p.epoch,
             "action": p.action,
+            "accepted": p.accepted,
             "epochs_later": later,
             "accuracy_at_decision": p.acc_at_decision,
             f"accuracy_{self.k}_epochs_later": acc,
             "accuracy_delta": acc - p.acc_at_decision,
-            "slot": self.slots[p.slot],
-            "seed_stage": S(stage).name,
+            "slot": self.slots[p.slot] if acted else None,
+            "seed_stage": S(stage).name if acted else None,
             "seed_contribution": float(snap["signals.contribution"][i, p.slot]) if present else None,
             "was_good_decision": bool(good),
             "rule": GOOD_RULE,
         }
+        if p.record is not None:
+            p.record["hindsight"] = payload
         return TelemetryEvent(kind=EventKind.HINDSIGHT, env=i, epoch=int(snap["signals.epoch"][i]), payload=payload)

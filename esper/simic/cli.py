@@ -32,13 +32,14 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="base seed of the hosts")
     p.add_argument("--task-seed", type=int,
                    help="seed of the synthetic task's data (train/val/test images); tune on one, report on others")
+    p.add_argument("--reward-mode", help="reward family: shaped (the default), simplified or sparse")
     p.add_argument("--device", help="auto (the default: CUDA when available, else the CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", action="store_true", help="torch.compile the epoch: the training step and validation")
     p.add_argument("--telemetry", help="telemetry profile name (minimal..research)")
     p.add_argument("--telemetry-file", type=Path, help="telemetry profile YAML file")
     p.add_argument("--telemetry-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile field (repeatable)")
-    p.add_argument("--backends", help="comma-separated: console,jsonl,tensorboard,prometheus; none for no output")
+    p.add_argument("--backends", help="comma-separated: console,jsonl,tensorboard,prometheus,wandb; none for no output")
     p.add_argument("--run-dir", help="where jsonl/tensorboard output goes")
     p.add_argument("--trace", type=Path, metavar="DIR",
                    help="write a torch profiler trace of the run (phases: train, validate, "
@@ -66,6 +67,8 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
         flags["episode"] = episode
     if args.task_seed is not None:
         flags["task"] = {"seed": args.task_seed}
+    if getattr(args, "reward_mode", None) is not None:
+        flags["reward"] = {"mode": args.reward_mode}
     telemetry: dict[str, object] = {}
     if args.telemetry:
         telemetry["profile"] = args.telemetry

@@ -191,9 +191,18 @@ class EpisodeConfig(_Strict):
     seed: int = Field(0, ge=0)
 
 
-class RewardConfig(_Strict):
-    """Weights of the shaped reward's components (accuracies enter as fractions)."""
+REWARD_MODES = ("shaped", "simplified", "sparse")
 
+
+class RewardConfig(_Strict):
+    """The reward family and its components' weights (accuracies enter as fractions).
+
+    ``mode``: ``shaped`` pays every component; ``simplified`` only the potential-based shaping,
+    the action costs and the terminal accuracy (no per-epoch contribution, rent or bonus that a
+    policy could farm); ``sparse`` only the terminal accuracy. Dropped components are logged as 0.
+    """
+
+    mode: Literal["shaped", "simplified", "sparse"] = Field("shaped", description="reward family: " + ", ".join(REWARD_MODES))
     contribution: float = Field(1.0, ge=0.0, description="per unit of live-seed contribution")
     shaping: float = Field(0.05, ge=0.0, description="stage-progress potential scale")
     rent: float = Field(0.02, ge=0.0, description="per epoch, times log(1 + added/host params)")

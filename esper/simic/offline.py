@@ -1,6 +1,6 @@
 """Offline pretraining of Tamiyo's LSTM actor-critic from episode packs (:mod:`esper.simic.packs`).
 
-Two methods, both over *whole episodes* through the LSTMs (``set_recurrent_mode(True)``,
+Three methods, all over *whole episodes* through the LSTMs (``set_recurrent_mode(True)``,
 ``is_init`` at t = 0, zero initial state), minibatched by episode, never by single steps:
 
 * ``bc`` -- behaviour cloning: the factored, masked negative log-likelihood of the pack's
@@ -25,6 +25,10 @@ Two methods, both over *whole episodes* through the LSTMs (``set_recurrent_mode(
 
   The Q/V networks read the observation only (not the LSTM state): the observation carries the
   accuracy/loss history and the lifecycle counters, so it is close to Markov for the value.
+
+* ``cql`` -- conservative Q-learning on torchrl's :class:`~torchrl.objectives.DiscreteCQLLoss`
+  (:class:`esper.simic.cql.FactoredCQLLoss`): ``Q(s, op)`` with a conservative penalty over the
+  legal ops, and an actor distilled from it (see that module).
 
 Both methods also fit the PPO critic (recurrent, value-normalized as in PPO) to the pack's
 discounted returns, so PPO started from the checkpoint (``esper.train --init``) has a useful
@@ -53,6 +57,7 @@ from esper.kasmina.blueprints import blueprint_catalogue
 from esper.leyline import NUM_OPS
 from esper.simic.checkpoint import CHECKPOINT_VERSION, save_checkpoint
 from esper.simic.config import TrainingConfig
+from esper.simic.cql import FactoredCQLLoss, with_next_masks
 from esper.simic.packs import MASK_KEYS, read_pack
 from esper.tamiyo.lstm_policy import (
     ACTOR_STATE,
@@ -63,7 +68,7 @@ from esper.tamiyo.lstm_policy import (
     relevance_table,
 )
 
-METHODS: tuple[str, ...] = ("bc", "iql")
+METHODS: tuple[str, ...] = ("bc", "iql", "cql")
 WAIT_BIAS = 1.0  # as esper.simic.ppo: the same initial actor
 
 __all__ = [
@@ -80,7 +85,7 @@ __all__ = [
 
 @dataclass(slots=True)
 class OfflineConfig:
-    """Settings of offline pretraining (``esper.train --policy bc|iql``)."""
+    """Settings of offline pretraining (``esper.train --policy bc|iql|cql``)."""
 
     method: str = "bc"
     epochs: int = 100  # passes over the training episodes
@@ -94,6 +99,7 @@ class OfflineConfig:
     temperature: float = 3.0  # IQL's inverse temperature beta
     tau: float = 0.005  # target-Q soft update
     q_hidden: int = 128
+    cql_alpha: float = 1.0  # weight of CQL's conservative term
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -279,7 +285,11 @@ class EpochStats:
     def line(self) -> str:
         s = f"epoch {self.epoch:4d}  loss {self.loss:+.4f}  actor {self.actor:+.4f}  critic {self.critic:.4f}"
         if not math.isnan(self.q):
-            s += f"  q {self.q:.4f}  v {self.v:.4f}"
+            s += f"  q {self.q:.4f}"
+        if not math.isnan(self.v):
+            s += f"  v {self.v:.4f}"
+        for k, v in self.extra.items():
+            s += f"  {k} {v:.4f}"
         return s
 
 
@@ -331,6 +341,16 @@ class OfflineTrainer:
         self.modules.use_blueprints(meta["actions"]["blueprints"])
         self.value_norm.update(self.train_data.get("return_to_go").reshape(-1, 1))
         self.iql: FactoredIQLLoss | None = None
+        self.cql: FactoredCQLLoss | None = None
+        if self.ocfg.method == "cql":
+            with_next_masks(self.train_data)
+            if self.holdout_data is not None:
+                with_next_masks(self.holdout_data)
+            self.cql = FactoredCQLLoss(self.modules, self.shape.obs_size, self.ocfg.q_hidden, gamma=self.gamma,
+                                       temperature=self.ocfg.temperature)
+            self.qv_params = [p for n, p in self.cql.named_parameters() if n.startswith("value_network_params")]
+            self.qv_optimizer = torch.optim.Adam(self.qv_params, lr=self.ocfg.lr)
+            self.target_update = SoftUpdate(self.cql, tau=self.ocfg.tau)
         if self.ocfg.method == "iql":
             self.iql = FactoredIQLLoss(self.modules, self.shape.obs_size, self.ocfg.q_hidden, gamma=self.gamma,
                                        expectile=self.ocfg.expectile, temperature=self.ocfg.temperature)
@@ -363,7 +383,18 @@ class OfflineTrainer:
         """One gradient step on a minibatch of whole episodes."""
         critic = self.critic_loss(mb)
         out: dict[str, torch.Tensor] = {"critic": critic.detach()}
-        if self.iql is None:
+        if self.cql is not None:
+            losses = self.cql(mb.clone(False))
+            actor = losses["loss_actor"]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.qv_optimizer.zero_grad(set_to_none=True)
+            (actor + self.ocfg.critic_coef * critic + losses["loss_qvalue"]
+             + self.ocfg.cql_alpha * losses["loss_cql"]).backward()
+            nn.utils.clip_grad_norm_(self.qv_params, self.ocfg.max_grad_norm)
+            self.qv_optimizer.step()
+            self.target_update.step()
+            out |= {"q": losses["loss_qvalue"].detach(), "cql": losses["loss_cql"].detach()}
+        elif self.iql is None:
             actor = self.bc_loss(mb)
             self.optimizer.zero_grad(set_to_none=True)
             (actor + self.ocfg.critic_coef * critic).backward()
@@ -397,8 +428,9 @@ class OfflineTrainer:
         self.epoch += 1
         m = {k: v / count for k, v in sums.items()}
         stats = EpochStats(epoch=self.epoch, loss=m["actor"] + self.ocfg.critic_coef * m["critic"] + m.get("q", 0.0)
-                           + m.get("v", 0.0), actor=m["actor"], critic=m["critic"], q=m.get("q", float("nan")),
-                           v=m.get("v", float("nan")), skipped_steps=self.skipped_steps)
+                           + m.get("v", 0.0) + self.ocfg.cql_alpha * m.get("cql", 0.0), actor=m["actor"],
+                           critic=m["critic"], q=m.get("q", float("nan")), v=m.get("v", float("nan")),
+                           skipped_steps=self.skipped_steps, extra={"cql": m["cql"]} if "cql" in m else {})
         self.history.append(asdict(stats))
         return stats
 
@@ -450,7 +482,7 @@ class OfflineTrainer:
 
 # ----------------------------------------------------------------------------- command line
 def train_offline(args: Any, console: Any) -> int:
-    """``python -m esper.train --policy bc|iql --data PACK [--save CKPT] [--offline-epochs N]``.
+    """``python -m esper.train --policy bc|iql|cql --data PACK [--save CKPT] [--offline-epochs N]``.
 
     The networks are sized and the checkpoint's config taken from the pack's config, unless
     ``--preset``/``--config`` is given. Per-epoch loss lines, then the greedy actor's agreement

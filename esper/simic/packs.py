@@ -5,7 +5,9 @@ A pack is a directory::
     PACK/
       meta.json     format and version, observation schema, action space, telemetry profile,
                     reward config, TrainingConfig dump, generating command, policies, the key
-                    layout of ``data``, and one summary per episode (trajectory, outcome)
+                    layout of ``data``, ``quick_stats``, and per episode its ``summary``
+                    (trajectory, key moments, outcome) and ``decisions`` (observation, action,
+                    decision_context, hindsight): see :mod:`esper.simic.pack_meta`
       data/         a ``[E, T]`` TensorDict (E episodes of T steps), tensordict memmap
       obs_norm/     the observation normalizer's tensors (``mean``, ``var``, ``count``), memmap
 
@@ -45,6 +47,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from esper.leyline import HEADS, REASONS, SCHEMA_VERSION, TEMPOS, ObservationSchema, Op
+from esper.simic.pack_meta import episode_entry, fill_observations, quick_stats
 
 PACK_FORMAT = "esper-episode-pack"
 PACK_VERSION = 1
@@ -269,6 +272,7 @@ class PackBuilder:
         self.parts: list[TensorDictBase] = []
         self.policies: list[str] = []
         self.episodes: list[dict[str, Any]] = []
+        self.ops: torch.Tensor | None = None  # every recorded op [E, T], once built
 
     def add(self, batch: TensorDictBase, summaries: list[Any], policy: str) -> None:
         n, t = batch.batch_size
@@ -293,9 +297,9 @@ class PackBuilder:
         self.parts.append(out)
         by_env = {int(s.env): s for s in summaries}
         for i in range(n):
-            s = by_env.get(i)
-            self.episodes.append({"row": len(self.episodes), "policy": policy,
-                                  **(s.to_dict() if s is not None else {"env": i, "missing": True})})
+            entry = episode_entry(by_env.get(i), len(self.episodes), policy)
+            entry.setdefault("env", i)
+            self.episodes.append(entry)
 
     @torch.no_grad()
     def build(self) -> TensorDict:
@@ -319,6 +323,8 @@ class PackBuilder:
                 norm.train()
         data = data.exclude("signals", "tracker")
         data.set("observation_raw", raw.reshape(e, t, -1).to(data.device))
+        fill_observations(self.episodes, data.get("observation_raw"), self.env.schema)
+        self.ops = data.get("op")
         data.set("observation_final", final.reshape(e, t, -1).to(data.device))
         return data
 
@@ -342,6 +348,7 @@ class PackBuilder:
             "config": cfg.model_dump(mode="json"),
             "policies": list(self.policies),
             "obs_norm": {"path": "obs_norm", "normalized_keys": ["observation", "observation_final"]},
+            "quick_stats": quick_stats(self.episodes, self.ops) if self.ops is not None else None,
             "episodes": list(self.episodes),
         }
 

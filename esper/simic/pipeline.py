@@ -16,8 +16,7 @@ in the episode summary, never in anything a controller reads.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from esper.nissa import NissaHub, TelemetryConfig, epoch_event, load_profile, ma
 from esper.nissa.decisions import Hindsight, decision_context
 from esper.nissa.narratives import reason_text
 from esper.nissa.profiling import phase
+from esper.simic.episodes import EpisodeSummary, Track, outcome
 from esper.simic.governor import Governor
 from esper.simic.telemetry import EpochTelemetry
 
@@ -59,69 +59,6 @@ class SnapshotView(Protocol):
 
     def __call__(self, snap: dict[str, np.ndarray], rollbacks: list[AnomalyEvent],
                  governed: np.ndarray) -> tuple[dict[str, np.ndarray], list[AnomalyEvent], np.ndarray]: ...
-
-
-@dataclass(slots=True)
-class EpisodeSummary:
-    """One env's episode, on the host. ``test_acc`` is on the held-out test split."""
-
-    env: int
-    episode: int
-    trajectory: str
-    final_val_acc: float
-    best_val_acc: float
-    test_acc: float
-    test_loss: float
-    params_added: float
-    fossilized: int
-    culled: int
-    germinated: int
-    total_reward: float
-    reward_components: dict[str, float] = field(default_factory=dict)
-    governed: bool = False  # the governor rolled this env back during the episode: not a valid result
-    # sum_t gamma^t r_t, what PPO maximizes and what the shaping leaves invariant (total_reward is
-    # the plain sum, in which the shaping terms do not cancel)
-    discounted_return: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "env": self.env,
-            "episode": self.episode,
-            "trajectory": self.trajectory,
-            "final_val_acc": self.final_val_acc,
-            "best_val_acc": self.best_val_acc,
-            "test_acc": self.test_acc,
-            "test_loss": self.test_loss,
-            "params_added": self.params_added,
-            "fossilized": self.fossilized,
-            "culled": self.culled,
-            "germinated": self.germinated,
-            "total_reward": self.total_reward,
-            "reward_components": dict(self.reward_components),
-            "governed": self.governed,
-            "discounted_return": self.discounted_return,
-        }
-
-
-class _Track:
-    """Host-side per-env episode bookkeeping, fed from snapshots."""
-
-    def __init__(self, n: int) -> None:
-        self.tokens: list[list[str]] = [[] for _ in range(n)]
-        self.reward = np.zeros(n)
-        self.discounted = np.zeros(n)
-        self.components: dict[str, np.ndarray] = {}
-        self.best = np.zeros(n)
-        self.germinated = np.zeros(n, dtype=np.int64)
-
-    def clear(self, env: int) -> None:
-        self.tokens[env] = []
-        self.reward[env] = 0.0
-        self.discounted[env] = 0.0
-        self.best[env] = 0.0
-        self.germinated[env] = 0
-        for v in self.components.values():
-            v[env] = 0.0
 
 
 class EpochPipeline:
@@ -149,7 +86,8 @@ class EpochPipeline:
         self.profile = profile if profile is not None else load_profile("minimal")
         self.telemetry = EpochTelemetry(self.profile, self.env.kasmina, envs=run_n)
         self.hindsight = Hindsight(run_n, self.profile.hindsight_epochs, self.env.slots)
-        self.track = _Track(run_n)
+        self.track = Track(run_n)
+        self._seen: list = []  # the narratives of the epoch this epoch's decisions were made from
         self.summaries: list[EpisodeSummary] = []
         self.epochs = 0  # epochs run by this pipeline (all envs step together)
         self.transfers = 0  # device-to-host transfers it made (materialize calls)
@@ -227,7 +165,7 @@ class EpochPipeline:
         with phase("telemetry"):
             for event in rollbacks:
                 self._emit(event)
-                self.track.tokens[event.env].append(f"rollback@{event.epoch}")
+                self.track.moment(event.env, event.epoch, "rollback", f"rollback@{event.epoch}")
             self._record(snap)
             if self.hub is not None:
                 self.hub.flush()  # every finished epoch is on disk (survives SIGKILL)
@@ -249,6 +187,7 @@ class EpochPipeline:
         self._emit(epoch_event({k: v for k, v in snap.items() if not k.startswith("decided.")}, int(epoch.max())))
         stage = snap["signals.stage"]
         free_slots = (stage == S.DORMANT).sum(axis=1)
+        self._seen = list(getattr(self.telemetry, "briefs", []))  # before this epoch's replace them
         for event in self.telemetry.epoch_events(self.telemetry.host_view(snap), int(epoch.max()), free_slots):
             self._emit(event)
         val_acc = snap["signals.val_acc"]
@@ -264,6 +203,8 @@ class EpochPipeline:
             self._record_env(snap, i)
         for event in self.hindsight.check(snap, self.episode):
             self._emit(event)
+        for i in np.flatnonzero(snap["done"]):  # after the hindsight: an episode's event closes it
+            self._finish_episode(snap, int(i))
         # The latest measured contribution per slot: what a fossilize or cull decided on.
         measured = snap["signals.alpha"] > 0
         self._prev_contribution = np.where(
@@ -280,22 +221,13 @@ class EpochPipeline:
         stage, before = snap["signals.stage"][i], snap["signals.stage_before"][i]
         val_acc = float(snap["signals.val_acc"][i])
         if self.hub is not None:
-            why = self.reasons[reason] if 0 <= reason < len(self.reasons) else ""
-            action = env.describe(op, slot, bp, int(snap["action.tempo"][i]))
-            decided = {k[len("decided."):]: v[i] for k, v in snap.items() if k.startswith("decided.")}
-            context = decision_context(op, reason_text(why) if why else "", decided, env.slots) if decided else {}
-            decision = DecisionEvent(kind=EventKind.DECISION, env=i, epoch=e, action=action,
-                                     accepted=accepted, reason=why, payload={"context": context} if context else {})
-            self._emit(decision)
-            if accepted and decided:
-                self.hindsight.record(i, int(self.episode[i]), e, op, slot, action, float(decided["val_acc"]))
-            if op != Op.WAIT:
-                self._emit(self.telemetry.explain(decision, why))
+            self._decision(snap, i, e, op, slot, bp, reason, accepted)
         if op == Op.GERMINATE and accepted:
             track.germinated[i] += 1
-            if reason == Reason.GERMINATE_PLATEAU:
-                track.tokens[i].append("plateau")
-            track.tokens[i].append(f"germinate({env.blueprint_names[bp]}@{env.slots[slot]})")
+            if reason == Reason.GERMINATE_PLATEAU:  # seen in the epoch the controller decided from
+                track.moment(i, e - 1, "plateau_detected", "plateau")
+            track.moment(i, e, "germinate", f"germinate({env.blueprint_names[bp]}@{env.slots[slot]})",
+                         slot=env.slots[slot], blueprint=env.blueprint_names[bp])
         for k in np.nonzero(stage != before)[0]:
             src, dst = S(int(before[k])), S(int(stage[k]))
             # Culls pass CULLED -> EMBARGOED and germinations GERMINATED -> TRAINING within
@@ -320,31 +252,70 @@ class EpochPipeline:
             self._emit(event)
             self.telemetry.lifecycle(event, [i] if dst is S.FOSSILIZED else [])
             token = {S.BLENDING: "blend", S.FOSSILIZED: "fossilize", S.CULLED: "cull"}.get(dst)
-            if token is not None:
-                track.tokens[i].append(f"{token}({env.slots[k]})" if token != "blend" else token)
-        if bool(snap["done"][i]):
-            test_acc = snap.get("score.test_acc")
-            test_loss = snap.get("score.test_loss")
-            summary = EpisodeSummary(
-                env=i,
-                episode=int(self.completed[i]),
-                trajectory=" → ".join(track.tokens[i]) or "no growth",
-                final_val_acc=val_acc,
-                best_val_acc=float(track.best[i]),
-                test_acc=float(test_acc[i]) if test_acc is not None else float("nan"),
-                test_loss=float(test_loss[i]) if test_loss is not None else float("nan"),
-                params_added=float(snap["signals.params_added"][i]),
-                fossilized=int(snap["tracker.seeds_fossilized"][i]),
-                culled=int(snap["tracker.seeds_culled"][i]),
-                germinated=int(track.germinated[i]),
-                total_reward=float(track.reward[i]),
-                discounted_return=float(track.discounted[i]),
-                reward_components={k: float(v[i]) for k, v in track.components.items()},
-                governed=bool(self._governed[i]),
-            )
-            self.summaries.append(summary)
-            self._emit(TelemetryEvent(kind=EventKind.EPISODE, env=i, epoch=e, payload=summary.to_dict()))
-            self.completed[i] += 1
+            if token == "blend":
+                track.moment(i, e, token, token, slot=env.slots[k])
+            elif token is not None:
+                delta = payload["accuracy_delta"]
+                track.moment(i, e, token, f"{token}({env.slots[k]})", slot=env.slots[k], blueprint=name,
+                             improvement=f"{delta:+.1f}%", accuracy_delta=delta)
+
+    def _finish_episode(self, snap: dict[str, np.ndarray], i: int) -> None:
+        """Env ``i``'s episode ended this epoch: its summary and episode event."""
+        track = self.track
+        e, val_acc = int(snap["signals.epoch"][i]), float(snap["signals.val_acc"][i])
+        test_acc = snap.get("score.test_acc")
+        test_loss = snap.get("score.test_loss")
+        summary = EpisodeSummary(
+            env=i,
+            episode=int(self.completed[i]),
+            trajectory=" → ".join(track.tokens[i]) or "no growth",
+            final_val_acc=val_acc,
+            best_val_acc=float(track.best[i]),
+            test_acc=float(test_acc[i]) if test_acc is not None else float("nan"),
+            test_loss=float(test_loss[i]) if test_loss is not None else float("nan"),
+            params_added=float(snap["signals.params_added"][i]),
+            fossilized=int(snap["tracker.seeds_fossilized"][i]),
+            culled=int(snap["tracker.seeds_culled"][i]),
+            germinated=int(track.germinated[i]),
+            total_reward=float(track.reward[i]),
+            discounted_return=float(track.discounted[i]),
+            reward_components={k: float(v[i]) for k, v in track.components.items()},
+            governed=bool(self._governed[i]),
+            key_moments=list(track.moments[i]),
+            outcome=outcome(int(track.germinated[i]), int(snap["tracker.seeds_fossilized"][i]),
+                            int(snap["tracker.seeds_culled"][i]), bool(self._governed[i])),
+            decisions=track.decisions[i],
+        )
+        self.summaries.append(summary)
+        self._emit(TelemetryEvent(kind=EventKind.EPISODE, env=i, epoch=e, payload=summary.to_dict()))
+        self.completed[i] += 1
+
+    def _decision(self, snap: dict[str, np.ndarray], i: int, e: int, op: int, slot: int, bp: int, reason: int,
+                  accepted: bool) -> None:
+        """Env ``i``'s decision event with its context, its record for the pack, and its hindsight."""
+        env = self.env
+        why = self.reasons[reason] if 0 <= reason < len(self.reasons) else ""
+        tempo = int(snap["action.tempo"][i])
+        action = env.describe(op, slot, bp, tempo)
+        decided = {k[len("decided."):]: v[i] for k, v in snap.items() if k.startswith("decided.")}
+        brief = self._seen[i] if e > 1 and i < len(self._seen) else None  # none before an episode's first epoch
+        context = decision_context(op, reason_text(why) if why else "", decided, env.slots, brief) if decided else {}
+        decision = DecisionEvent(kind=EventKind.DECISION, env=i, epoch=e, action=action,
+                                 accepted=accepted, reason=why, payload={"context": context} if context else {})
+        self._emit(decision)
+        record = {
+            "epoch": e,
+            "action": {"op": Op(op).name.lower(), "slot": env.slots[slot], "blueprint": env.blueprint_names[bp],
+                       "tempo": tempo, "text": action, "accepted": accepted, "reason": why},
+            "decision_context": context,
+            "hindsight": None,
+        }
+        self.track.decisions[i].append(record)
+        if decided:
+            self.hindsight.record(i, int(self.episode[i]), e, op, slot, action, float(decided["val_acc"]),
+                                  accepted, record)
+        if op != Op.WAIT:
+            self._emit(self.telemetry.explain(decision, why))
 
     def finish(self) -> None:
         """Emit the run's blueprint analytics (call once at the end of a run)."""

@@ -145,6 +145,12 @@ def check_backends(names: Iterable[str], flag: bool = True) -> None:
     unknown = [n for n in names if n not in BACKEND_NAMES]
     if unknown:
         raise UsageError(f"unknown telemetry backend(s) {unknown}", "--backends", allowed)
+    if "wandb" in names:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UsageError("the wandb backend needs the 'wandb' package, which is not installed", "--backends",
+                             "pip install 'esper-morphogenetic[wandb]', or another backend")
 
 
 def check_port_free(port: int) -> None:

@@ -1,4 +1,9 @@
-"""The shaped reward, computed per env on the device and returned component by component."""
+"""The reward, computed per env on the device and returned component by component.
+
+Three families (``RewardConfig.mode``): ``shaped`` (every component), ``simplified`` (shaping,
+action costs, terminal) and ``sparse`` (terminal only). A dropped component is computed and
+multiplied by 0, so every family logs the same components and ``total`` is always their sum.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,14 @@ STAGE_POTENTIAL: dict[SeedStage, float] = {
     S.SHADOWING: 4.0,
     S.PROBATIONARY: 5.0,
     S.FOSSILIZED: 6.0,
+}
+
+
+# The components each reward family pays.
+MODE_TERMS: dict[str, frozenset[str]] = {
+    "shaped": frozenset({"contribution", "shaping", "rent", "action_cost", "fossilize", "terminal"}),
+    "simplified": frozenset({"shaping", "action_cost", "terminal"}),
+    "sparse": frozenset({"terminal"}),
 }
 
 
@@ -77,6 +90,7 @@ class ShapedReward:
         cost[Op.CULL] = cfg.cull_cost
         cost[Op.FOSSILIZE] = cfg.fossilize_cost
         self.op_cost = cost.to(device)
+        self.terms = MODE_TERMS[cfg.mode]
 
     def phi(self, stage: torch.Tensor) -> torch.Tensor:
         """Potential of an env's slots ``[N, S] -> [N]``."""
@@ -97,5 +111,8 @@ class ShapedReward:
         fossilized = ((stage == S.FOSSILIZED) & (before == S.PROBATIONARY)).sum(1).float()
         fossilize = cfg.fossilize_bonus * fossilized
         terminal = torch.where(end, cfg.terminal * 0.01 * signals["val_acc"], 0.0)
-        total = contribution + shaping + rent + action_cost + fossilize + terminal
-        return RewardComponents(contribution, shaping, rent, action_cost, fossilize, terminal, total)
+        parts = {"contribution": contribution, "shaping": shaping, "rent": rent, "action_cost": action_cost,
+                 "fossilize": fossilize, "terminal": terminal}
+        parts = {k: v if k in self.terms else torch.zeros_like(v) for k, v in parts.items()}
+        total = sum(parts.values())
+        return RewardComponents(**parts, total=total)
