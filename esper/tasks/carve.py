@@ -70,3 +70,25 @@ def take(split: str, idx: Tensor, size: int | None, where: str) -> Tensor:
         raise ValueError(f"{where}: {split}_size {size} is more than the {idx.shape[0]} samples of the "
                          f"{split} split (allowed: 1..{idx.shape[0]}, or leave it unset for all)")
     return idx[:size]
+
+
+def complete_splits(splits: dict[str, tuple[Tensor, Tensor]], stratify: bool, val_fraction: float,
+                    test_fraction: float, seed: int | None, sizes: dict[str, int | None],
+                    where: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """The three splits: the ones ``splits`` lacks carved from its ``train`` (by class when
+    ``stratify``; a split the user gave is never touched), then each capped to ``sizes``."""
+    out = dict(splits)
+    missing = [s for s in ("val", "test") if s not in out]
+    if missing:
+        x, y = out["train"]
+        tr, va, te = carve(y if stratify else int(x.shape[0]), val_fraction if "val" in missing else 0.0,
+                           test_fraction if "test" in missing else 0.0, 0 if seed is None else seed, where)
+        for name, sel in (("val", va), ("test", te)):
+            if name in missing:
+                out[name] = (x[sel], y[sel])
+        out["train"] = (x[tr], y[tr])
+    for name in ("train", "val", "test"):
+        x, y = out[name]
+        sel = take(name, torch.arange(x.shape[0]), sizes[name], where)
+        out[name] = (x[sel], y[sel])
+    return out

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from esper.tasks.base import TaskData
-from esper.tasks.carve import carve, take
+from esper.tasks.carve import complete_splits
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                                    ".ppm", ".pgm")
@@ -243,21 +243,8 @@ def load_images(
     if seed is not None and all(s in splits for s in SPLITS):
         raise ValueError(f"images: task.seed (--task-seed) has no effect: {root} brings its own train, "
                          "val and test splits; leave it unset")
-    missing = [s for s in ("val", "test") if s not in splits]
-    if missing:
-        x, y = splits["train"]
-        # Carve only what is missing: a split the user gave is never touched.
-        tr, va, te = carve(y, val_fraction if "val" in missing else 0.0,
-                           test_fraction if "test" in missing else 0.0, 0 if seed is None else seed, str(root))
-        for name, sel in (("val", va), ("test", te)):
-            if name in missing:
-                splits[name] = (x[sel], y[sel])
-        splits["train"] = (x[tr], y[tr])
-    sizes = {"train": train_size, "val": val_size, "test": test_size}
-    for name in SPLITS:
-        x, y = splits[name]
-        sel = take(name, torch.arange(y.shape[0]), sizes[name], str(root))
-        splits[name] = (x[sel], y[sel])
+    splits = complete_splits(splits, True, val_fraction, test_fraction, seed,
+                             {"train": train_size, "val": val_size, "test": test_size}, str(root))
     mean, std = _mean_std(splits["train"][0])
     h = int(splits["train"][0].shape[2])
     dev = torch.device(device)

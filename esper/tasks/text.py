@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from esper.tasks.carve import carve, take
+from esper.tasks.carve import complete_splits
 from esper.tasks.sequence import SequenceTask, windows
 from esper.tasks.tinystories import BOUNDARY_BYTE, BYTE_VOCAB
 
@@ -80,20 +80,8 @@ def load_text(
                          "and test splits; leave it unset")
     folders = own or {"train": root}
     splits = {s: _cut(read_stream(find_text_files(f, pattern)), seq_len, str(f)) for s, f in folders.items()}
-    missing = [s for s in ("val", "test") if s not in splits]
-    if missing:
-        x, y = splits["train"]
-        tr, va, te = carve(x.shape[0], val_fraction if "val" in missing else 0.0,
-                           test_fraction if "test" in missing else 0.0, 0 if seed is None else seed, str(root))
-        for name, sel in (("val", va), ("test", te)):
-            if name in missing:
-                splits[name] = (x[sel], y[sel])
-        splits["train"] = (x[tr], y[tr])
-    sizes = {"train": train_size, "val": val_size, "test": test_size}
-    for name in SPLITS:
-        x, y = splits[name]
-        sel = take(name, torch.arange(x.shape[0]), sizes[name], str(root))
-        splits[name] = (x[sel], y[sel])
+    splits = complete_splits(splits, False, val_fraction, test_fraction, seed,
+                             {"train": train_size, "val": val_size, "test": test_size}, str(root))
     dev = torch.device(device)
     (trx, try_), (vax, vay), (tex, tey) = (splits[s] for s in SPLITS)
     return SequenceTask(
