@@ -55,16 +55,15 @@ class _Compiles:
         self.what = ""
         self.count = 0
         self.seconds = 0.0
-        self._installed = False
 
     def install(self) -> None:
-        if self._installed:
-            return
         from torch._dynamo.callback import callback_handler
 
-        callback_handler.register_start_callback(self._start)
-        callback_handler.register_end_callback(self._end)
-        self._installed = True
+        # torch._dynamo.reset() clears every callback: look, rather than remember a flag
+        if self._start not in callback_handler.start_callbacks:
+            callback_handler.register_start_callback(self._start)
+        if self._end not in callback_handler.end_callbacks:
+            callback_handler.register_end_callback(self._end)
 
     def _start(self, args: Any) -> None:
         self.what = _graph_being_compiled()

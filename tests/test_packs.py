@@ -163,8 +163,6 @@ def test_generate_refuses_bad_inputs_before_work(heuristic_pack: Path, tmp_path:
         (["--out", str(heuristic_pack)], "is not empty (--out)"),
         (["--out", str(tmp_path / "a"), "--policies", "ppo_sample=" + str(tmp_path / "none.pt")],
          "unusable checkpoint"),
-        # bare ppo is the shipped controller, trained on the `ppo` preset's layout, not this one
-        (["--out", str(tmp_path / "a"), "--policies", "ppo"], "env layout mismatch"),
     ]
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -110,10 +110,13 @@ def test_second_sigint_in_a_long_phase_exits_at_once_and_keeps_the_files(tmp_pat
     sent = time.monotonic()
     _, err = proc.communicate(timeout=30)
     took = time.monotonic() - sent
-    assert proc.returncode == 130, err
+    # 130, or killed by SIGINT itself (the shell shows 130 too) when the second signal lands
+    # while the interpreter finalizes, where Python has put the default handler back
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert took < 5.0, took
     assert "SIGINT: stopping at the end of this epoch (send it again to exit at once)" in err
-    assert "interrupted by SIGINT again: exiting now" in err
+    if proc.returncode == 130:
+        assert "interrupted by SIGINT again: exiting now" in err
     events = [json.loads(x) for x in (run / "telemetry.jsonl").read_text().splitlines()]
     assert events[0]["kind"] == "run" and any(e["kind"] == "epoch" for e in events)
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")] and not (run / "ppo.pt").exists()
@@ -212,6 +215,7 @@ def test_status_names_the_compile_the_rate_and_the_eta() -> None:
         seen.append(progress.status())
         return gm.forward
 
+    torch._dynamo.reset()  # clears dynamo's callbacks: the progress must register its own again
     with progress:
         progress.phase("round 1/2", total=4, unit="epoch", per_unit=8)
         torch.compile(lambda x: x * 2 + 1, backend=backend)(torch.ones(3))

@@ -87,7 +87,6 @@ CIFAR_KINDS = ("missing", "empty", "truncated", "shape", "dtype", "labels")
 BAD_INPUTS: list[tuple[str, str, list[str], str]] = [
     ("unknown-backend", "train", ["--policy", "heuristic", "--backends", "console,nope", *RUN], "--backends"),
     ("no-such-gpu", "train", ["--policy", "heuristic", "--device", "cuda:99", *RUN], "--device"),
-    ("ppo-without-path", "evaluate", ["--policies", "ppo", *RUN], "--policies"),
     ("empty-policies", "evaluate", ["--policies", "", *RUN], "--policies"),
     ("empty-policy-in-list", "evaluate", ["--policies", "static,,heuristic", *RUN], "--policies"),
     ("duplicate-policy", "evaluate", ["--policies", "static,static", *RUN], "--policies"),
