@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-DATASETS = {"digits": ("images", "wide"), "english": ("text", "deep")}
+DATASETS = {"digits": ("images", "wide"), "mnist5k": ("images", "wide"), "english": ("text", "deep"),
+            "code": ("text", "deep")}
 
 
 def _load(path: Path) -> dict:

@@ -25,6 +25,7 @@ from esper.simic.checkpoint import CheckpointError, check_matches, load_checkpoi
 from esper.simic.cli import add_common_args, maybe_trace, run_hub
 from esper.simic.config import ConfigError, TrainingConfig
 from esper.simic.distributed import Ranks, launched, main_rank
+from esper.simic.heldout import HeldOutCheck
 from esper.simic.launch import add_dist_args, agree_stop, for_rank, joined, trace_dir
 from esper.simic.mix import MixedTrainer, read_mix
 from esper.simic.offline import METHODS as OFFLINE_METHODS
@@ -44,12 +45,12 @@ from esper.simic.preflight import (
 )
 from esper.simic.runner import EpisodeRunner, EpisodeSummary
 from esper.simic.sharding import run_env
+from esper.simic.start import WIDTHS, shipped_start
 from esper.tamiyo.policies import POLICIES, make_policy
 
-PPO_ONLY = ("--rounds", "--resume", "--init", "--force")
-WIDTHS = ("hidden_size", "lstm_hidden_size")  # policy-shape fields set by the config alone
+PPO_ONLY = ("--rounds", "--resume", "--init", "--force", "--from-scratch", "--heldout")
 # Offline training (bc, iql, cql) runs on the CPU from a pack and emits no telemetry.
-OFFLINE_NO_EFFECT = ("--rounds", "--trace", "--report", "--dist-timeout", "--device", "--compile", "--telemetry",
+OFFLINE_NO_EFFECT = ("--rounds", "--from-scratch", "--heldout", "--trace", "--report", "--dist-timeout", "--device", "--compile", "--telemetry",
                      "--telemetry-file", "--telemetry-set", "--backends")
 # Settings that enter an offline checkpoint's config only through --config/--preset (otherwise
 # the pack's own config is used, whole).
@@ -70,7 +71,10 @@ round line fields:
   Vvar         variance of the critic's value estimates (near 0: it outputs a constant)
   |g|          actor and critic gradient norms      lr  learning rate
   Hx           scale of the entropy bonus (decays over the rounds)
-  passes       PPO passes over the round's data (fewer: stopped at the target KL)"""
+  passes       PPO passes over the round's data (fewer: stopped at the target KL)
+held-out line (before round 1 and after every round; --heldout 0 turns it off):
+  the greedy controller and the heuristic on the same held-out hosts, which training never
+  uses, test split; diff is controller minus heuristic, paired host by host, ± its standard error"""
 EPILOG = f"""\
 Where results go: each run writes into its own new directory, runs/<policy>-<date>-<time>
 (runs/latest points at the newest; ${RUNS_ENV} moves runs/), unless --run-dir or the config
@@ -97,6 +101,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", type=Path, help="train one controller over several settings, a round each in turn: "
                                             "a YAML file 'settings: [{preset: NAME, <section>: {...}}, ...]' "
                                             "(esper.simic.mix); --config and the flags apply to every setting")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="a fresh PPO run starts from random weights (default: from the shipped controller when "
+                        "its network widths fit the config)")
+    p.add_argument("--heldout", type=int, metavar="HOSTS",
+                   help="after every round the greedy controller and the heuristic play this many held-out hosts, "
+                        "at most --envs (ppo.heldout_hosts, default 8; 0: no check)")
     p.add_argument("--force", action="store_true", help="let a fresh run (ppo, bc, iql, cql) overwrite an existing checkpoint")
     add_common_args(p)
     add_dist_args(p)
@@ -121,6 +131,14 @@ def preflight_ppo(args: argparse.Namespace) -> tuple[object, object, Path]:
             cfg = cfg.updated(ppo={"rounds": args.rounds})
         except ConfigError as err:
             raise UsageError(str(err), "--rounds", "a positive number of rounds") from None
+    if args.heldout is not None:
+        if args.heldout < 0:
+            raise UsageError(f"--heldout {args.heldout}", "--heldout", "a number of hosts, 0 or more (0: no check)")
+        cfg = cfg.updated(ppo={"heldout_hosts": args.heldout})
+    if args.from_scratch and (args.init is not None or args.resume is not None or args.mix is not None):
+        flag = "--init" if args.init is not None else "--resume" if args.resume is not None else "--mix"
+        raise UsageError(f"--from-scratch with {flag}", "--from-scratch",
+                         "one start: --from-scratch (random weights), --init CKPT or --resume CKPT")
     save = args.save or Path(cfg.run_dir) / "ppo.pt"
     if args.init is not None:
         if args.resume is not None:
@@ -201,6 +219,18 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
                 raise UsageError(f"cannot start from {args.init}: {err}", "--init",
                                  "a checkpoint of the same policy shape (esper.train --policy ppo|bc|iql|cql)") from None
             console.print(f"initialized from {args.init}")
+        elif args.resume is None and mix is None and not args.from_scratch:
+            shipped, said = shipped_start(cfg)
+            if shipped is not None:
+                try:
+                    trainer.init(shipped)
+                except (CheckpointError, ConfigError) as err:  # another env layout: say so, go on
+                    said = f"starting from scratch: the shipped controller does not fit this env ({err})"
+            console.print(said, highlight=False, markup=False)
+        heldout = None
+        if cfg.ppo.heldout_hosts and mix is None and ranks.world == 1:
+            heldout = HeldOutCheck(cfg, min(cfg.ppo.heldout_hosts, cfg.episode.envs), trainer.base_env.kasmina.task,
+                                   on_epoch=lambda k, _snap: (progress.advance(k), stop.check()))
         if args.resume is not None:
             try:
                 trainer.resume(args.resume)
@@ -230,7 +260,23 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
             trainer.add_epoch_callback(on_epoch)
         else:
             trainer.base_env.pipeline.callbacks.append(on_epoch)
+
+        def check_heldout() -> None:
+            """The controller as it is now against the heuristic, on the held-out hosts."""
+            if heldout is None:
+                return
+            at = f"round {trainer.round}/{cfg.ppo.rounds}: held-out check"
+            length = cfg.episode.length
+            progress.phase(f"{at}, heuristic", total=length, unit="epoch", per_unit=heldout.hosts)
+            heldout.heuristic()
+            progress.phase(f"{at}, controller", total=length, unit="epoch", per_unit=heldout.hosts)
+            score = heldout.score(trainer.modules, trainer.base_env.features.norm, trainer.round)
+            console.print(" " * 9 + score.line(), highlight=False, markup=False)
+            hub.emit(score.event())
+            hub.flush()
+
         try:
+            check_heldout()  # round 0: where the controller starts
             while trainer.round < cfg.ppo.rounds:
                 graphs, compiling = kas.compile_graphs, kas.compile_seconds
                 setting = trainer.current.cfg if mix is not None else cfg  # a mix: this round's setting
@@ -256,6 +302,7 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
                     failed_save(hub, save, trainer.round, err, last)
                 agree_stop(ranks, stop)
                 stop.check()
+                check_heldout()
         except Interrupted as err:
             hub.flush()
             kept = f"last checkpoint {last[0]} at round {last[1]}" if last else "no checkpoint written"
@@ -271,6 +318,8 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
     console.print(f"done: {trainer.round} rounds in {time.perf_counter() - start:.1f}s; checkpoint {save}; "
                   f"{pipe.transfers} host transfers for {pipe.epochs} epochs"
                   + (f"; diverged policy updates rolled back: {rolled}" if rolled else ""))
+    if heldout is not None and heldout.scores:
+        console.print(heldout.summary(), highlight=False, markup=False)
     if ranks.main:
         where_next(console, cfg, save)
     return 0

@@ -18,6 +18,7 @@ class EventKind(StrEnum):
     ANALYTICS = "analytics"
     RUN = "run"
     HINDSIGHT = "hindsight"
+    HELDOUT = "heldout"  # the controller vs the heuristic on held-out hosts, per PPO round
 
 
 @dataclass(slots=True)

@@ -42,6 +42,13 @@ def learning_section(run: RunData) -> Section:
             ax.plot(rounds, col(key), marker=marker, markersize=3, color="#1f77b4")
     axes[0, 1].plot(rounds, col("final_val_acc"), marker=marker, markersize=3, color="#999999",
                     linestyle="--", label="final val acc")
+    if run.heldout:  # the same held-out hosts every round: the curve that shows learning
+        at = [_num(h.get("round")) for h in run.heldout]
+        axes[0, 1].errorbar(at, [_num(h.get("controller")) for h in run.heldout],
+                            yerr=[_num(h.get("diff_sem")) for h in run.heldout], marker="s", markersize=3,
+                            color="#2ca02c", capsize=2, label="held-out hosts: controller (greedy)")
+        axes[0, 1].plot(at, [_num(h.get("heuristic")) for h in run.heldout], color="#ff7f0e", linestyle=":",
+                        label="held-out hosts: heuristic")
     axes[0, 1].legend(fontsize=7)
     heads = sorted({h for p in run.ppo for h in (p.get("entropy") or {})})
     for rank, head in enumerate(heads):
@@ -63,4 +70,13 @@ def learning_section(run: RunData) -> Section:
                    note=f"{len(run.ppo)} rounds; last: return {_num(last.get('mean_return')):+.3f}, "
                         f"test accuracy {_num(last.get('test_acc')):.2f}, explained variance "
                         f"{_num(last.get('explained_variance')):+.2f}"
-                        + (f"; {len(rolled)} updates rolled back" if rolled else "") + ".")
+                        + (f"; {len(rolled)} updates rolled back" if rolled else "") + "."
+                        + (_heldout_note(run.heldout) if run.heldout else ""))
+
+
+def _heldout_note(heldout: list[dict[str, Any]]) -> str:
+    first, last = heldout[0], heldout[-1]
+    return (f" Held-out hosts ({last.get('hosts')}, test split, the same every round): the greedy controller "
+            f"{_num(first.get('controller')):.2f} at round {first.get('round')} and {_num(last.get('controller')):.2f} "
+            f"at round {last.get('round')}, the heuristic {_num(last.get('heuristic')):.2f}; last difference "
+            f"{_num(last.get('diff')):+.2f} ± {_num(last.get('diff_sem')):.2f} (s.e., paired by host).")

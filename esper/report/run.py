@@ -58,6 +58,7 @@ class RunData:
     episodes: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     anomalies: list[Anomaly] = field(default_factory=list)
     ppo: list[dict[str, Any]] = field(default_factory=list)
+    heldout: list[dict[str, Any]] = field(default_factory=list)  # controller vs heuristic, per round
     parts: list[int] = field(default_factory=list)  # steps where a later part (policy) begins
     slot_names: dict[int, str] = field(default_factory=dict)
     events: int = 0
@@ -133,6 +134,9 @@ class RunData:
 
     def _on_ppo_update(self, event: dict[str, Any]) -> None:
         self.ppo.append(event.get("payload", {}))
+
+    def _on_heldout(self, event: dict[str, Any]) -> None:
+        self.heldout.append(event.get("payload", {}))
 
     def _on_analytics(self, event: dict[str, Any]) -> None:
         self._part_ended = True  # a runner finished; more epochs are another policy's

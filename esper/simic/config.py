@@ -235,6 +235,8 @@ class PPOConfig(_Strict):
     hidden_size: int = Field(128, ge=1)
     lstm_hidden_size: int = Field(128, ge=1)
     rounds: int = Field(10, ge=1)
+    heldout_hosts: int = Field(8, ge=0, description="after every round, the greedy controller and the heuristic on "
+                                                   "this many held-out hosts, at most episode.envs (simic.heldout); 0: no check")
 
     @model_validator(mode="after")
     def _heads(self) -> PPOConfig:

@@ -243,6 +243,7 @@ def check_resumable(path: str | Path, ckpt: dict[str, Any], cfg: TrainingConfig,
     learn = ("task", "kasmina", "reward", "ppo", "history_length", "episode", "features")
     for c in (saved, now):
         c["ppo"].pop("rounds")  # a resumed run may train for more rounds (same schedule horizon)
+        c["ppo"].pop("heldout_hosts", None)  # how the run is watched, not what it learns
         c["episode"].pop("envs")  # checked apart, against the checkpoint's env rows
         c["episode"].pop("episodes")  # episodes per env of a controller run, not read by PPO
     check_matches(path, "env count", {"envs": int(ckpt["env_episode"].numel())}, {"envs": envs})
