@@ -55,6 +55,7 @@ def _plan_from(batch: MorphogeneticBatch, signals: TensorDict) -> None:
     batch.set_plan(signals["stage"].numpy(), signals["blueprint"].numpy(), signals["germinated"].numpy())
 
 
+@pytest.mark.slow  # a cold compile: minutes on a 2-core CPU (CI runs the slow tests after the default ones)
 @pytest.mark.compile
 def test_compiled_plan_matches_eager_with_one_graph_each() -> None:
     """The compiled group-by-blueprint step trains exactly like the eager masked engine (every

@@ -214,6 +214,7 @@ def test_hosts_and_blueprints_must_fit_the_task() -> None:
     assert get_blueprints(None, family="lm")[0].name == "noop"
 
 
+@pytest.mark.slow  # a cold compile: minutes on a 2-core CPU (CI runs the slow tests after the default ones)
 @pytest.mark.compile
 def test_compiled_transformer_matches_eager_with_one_graph(task) -> None:
     """Compiled fullgraph, group-by-blueprint, AdamW: one training graph (and one validation
