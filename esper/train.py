@@ -231,6 +231,9 @@ def train_ppo(args: argparse.Namespace, console: Console) -> int:
         if cfg.ppo.heldout_hosts and mix is None and ranks.world == 1:
             heldout = HeldOutCheck(cfg, min(cfg.ppo.heldout_hosts, cfg.episode.envs), trainer.base_env.kasmina.task,
                                    on_epoch=lambda k, _snap: (progress.advance(k), stop.check()))
+        elif cfg.ppo.heldout_hosts:  # one setting's hosts, one process: say why there is no check
+            console.print(f"no held-out check: {'a mixed run' if mix is not None else 'several ranks'} "
+                          "(esper.evaluate scores the checkpoint afterwards)", highlight=False)
         if args.resume is not None:
             try:
                 trainer.resume(args.resume)

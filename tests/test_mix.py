@@ -82,4 +82,5 @@ def test_train_cli_mix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     assert code == 0, out
     assert "setting 0: task synthetic" in out and "setting 1: task grammar" in out
+    assert "no held-out check: a mixed run" in out and "held-out (" not in out and "starting from" not in out
     assert load_checkpoint(tmp_path / "c.pt")["round"] == 2
