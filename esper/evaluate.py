@@ -29,11 +29,10 @@ from esper.simic.cli import add_common_args, maybe_trace, run_hub
 from esper.simic.config import TrainingConfig
 from esper.simic.distributed import Ranks, main_rank
 from esper.simic.env import load_config_task
+from esper.simic.errors import Interrupted, UsageError
 from esper.simic.launch import add_dist_args, for_rank, joined, trace_dir
 from esper.simic.preflight import (
-    Interrupted,
     StopSignals,
-    UsageError,
     add_debug_arg,
     check_config,
     check_file_target,

@@ -21,19 +21,18 @@ from esper.nissa import NissaHub, TelemetryConfig
 from esper.nissa.anomaly import PPO_SCOPE
 from esper.progress import RunProgress
 from esper.report.after_run import report_after, report_target
-from esper.simic.checkpoint import CheckpointError, check_matches, load_checkpoint
+from esper.simic.checkpoint import check_matches, load_checkpoint
 from esper.simic.cli import add_common_args, maybe_trace, run_hub
-from esper.simic.config import ConfigError, TrainingConfig
+from esper.simic.config import TrainingConfig
 from esper.simic.distributed import Ranks, launched, main_rank
+from esper.simic.errors import CheckpointError, ConfigError, Interrupted, UsageError
 from esper.simic.launch import add_dist_args, agree_stop, for_rank, joined, trace_dir
 from esper.simic.mix import MixedTrainer, read_mix
 from esper.simic.offline import METHODS as OFFLINE_METHODS
 from esper.simic.offline import train_offline
 from esper.simic.ppo import PPOTrainer
 from esper.simic.preflight import (
-    Interrupted,
     StopSignals,
-    UsageError,
     add_debug_arg,
     check_config,
     check_fresh_checkpoint,

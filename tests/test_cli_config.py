@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from esper.simic.cli import add_common_args, build_config
-from esper.simic.config import PRESETS, ConfigError, TrainingConfig
+from esper.simic.config import PRESETS, TrainingConfig
+from esper.simic.errors import ConfigError
 from esper.tamiyo.policies import make_policy
 
 

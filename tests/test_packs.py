@@ -17,8 +17,9 @@ from esper.leyline import SCHEMA_VERSION, ObservationSchema
 from esper.simic.checkpoint import load_checkpoint
 from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.errors import PackError, PackSchemaError
 from esper.simic.offline import OfflineConfig, OfflineTrainer
-from esper.simic.packs import PackError, PackSchemaError, read_pack, write_pack
+from esper.simic.packs import read_pack, write_pack
 from esper.simic.ppo import PPOTrainer, load_policy
 from esper.tamiyo.lstm_policy import HEAD_KEYS
 
@@ -287,7 +288,8 @@ def test_bare_ppo_spec_is_the_shipped_controller(heuristic_pack: Path, tmp_path:
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """``ppo`` with no path loads the packaged checkpoint; without one it is refused clearly."""
     import esper.simic.ppo as ppo_mod
-    from esper.simic.preflight import UsageError, parse_policies
+    from esper.simic.errors import UsageError
+    from esper.simic.preflight import parse_policies
     from esper.tamiyo.policies import make_policy
 
     ckpt = tmp_path / "bc.pt"

@@ -12,9 +12,10 @@ from torchrl.modules.value_norm import RunningValueNorm
 
 from esper.kasmina.blueprints import blueprint_catalogue
 from esper.leyline import NUM_OPS, Op
-from esper.simic.checkpoint import CheckpointError, load_checkpoint
+from esper.simic.checkpoint import load_checkpoint
 from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.errors import CheckpointError
 from esper.simic.ppo import PPOTrainer
 from esper.simic.runner import EpisodeRunner
 from esper.tamiyo.lstm_policy import (

@@ -13,9 +13,10 @@ from tiny_config import TINY
 from torchrl.modules import set_recurrent_mode
 
 from esper.leyline import Op, SeedStage
-from esper.simic.checkpoint import CheckpointError, load_checkpoint
+from esper.simic.checkpoint import load_checkpoint
 from esper.simic.config import TrainingConfig, merge_config
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.errors import CheckpointError
 from esper.simic.ppo import PPOTrainer, check_resumable
 from esper.simic.rewards import STAGE_POTENTIAL
 

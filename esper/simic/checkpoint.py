@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from esper.atomic import atomic_write
+from esper.simic.errors import CheckpointError
 
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS: tuple[str, ...] = (
@@ -54,10 +55,6 @@ def provenance() -> dict[str, Any]:
         "code": {"package": pkg, "git": git},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable, corrupt, or does not match the run it is loaded into."""
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

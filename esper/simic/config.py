@@ -13,11 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from esper.kasmina.gates import GateConfig
 from esper.leyline import CANONICAL_SLOTS
 from esper.nissa.config import yaml_problem
+from esper.simic.errors import ConfigError
 from esper.tamiyo.config import FeatureConfig, FixedScheduleConfig, HeuristicConfig
-
-
-class ConfigError(ValueError):
-    """A configuration file, preset or value is invalid; the message names the field."""
 
 
 class _Strict(BaseModel):

@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from esper.nissa import NissaHub, TelemetryConfig
-from esper.simic.config import ConfigError, TrainingConfig
+from esper.simic.config import TrainingConfig
+from esper.simic.errors import ConfigError
 from esper.simic.ppo import PPOTrainer, RoundStats
 
 

@@ -56,6 +56,7 @@ from esper.kasmina.blueprints import blueprint_catalogue
 from esper.simic.checkpoint import CHECKPOINT_VERSION, save_checkpoint
 from esper.simic.config import TrainingConfig
 from esper.simic.cql import FactoredCQLLoss, with_next_masks
+from esper.simic.errors import ConfigError, PackError
 from esper.simic.offline_losses import (
     FactoredIQLLoss,
     action_agreement,
@@ -323,8 +324,6 @@ def train_offline(args: Any, console: Any) -> int:
     import sys
 
     from esper.simic.cli import build_config
-    from esper.simic.config import ConfigError
-    from esper.simic.packs import PackError
     from esper.simic.preflight import check_fresh_checkpoint
 
     def fail(what: str, where: str, allowed: str) -> int:

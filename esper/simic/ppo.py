@@ -52,7 +52,6 @@ from esper.nissa import AnomalyMonitor, NissaHub, TelemetryConfig, materialize
 from esper.nissa.anomaly import PPO_SCOPE, lstm_hidden_stats
 from esper.simic.checkpoint import (
     CHECKPOINT_VERSION,
-    CheckpointError,
     check_matches,
     load_checkpoint,
     provenance,
@@ -61,6 +60,7 @@ from esper.simic.checkpoint import (
 from esper.simic.config import TrainingConfig
 from esper.simic.distributed import Ranks
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.errors import CheckpointError
 from esper.simic.faults import checkpoint_saver, poison_policy
 from esper.simic.governor import policy_divergence
 from esper.simic.pipeline import EpisodeSummary
