@@ -17,14 +17,16 @@ from typing import Any
 
 from rich.console import Console
 
-import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
 from esper.progress import RunProgress
-from esper.simic.checkpoint import check_matches, load_checkpoint
+from esper.simic.checkpoint import (  # registers ppo=PATH, ppo_sample=PATH
+    check_matches,
+    checkpoint_for,
+    load_checkpoint,
+)
 from esper.simic.cli import add_common_args, make_hub
 from esper.simic.env import MorphogeneticEnv
 from esper.simic.errors import CheckpointError, PackError, UsageError
 from esper.simic.packs import PackBuilder, check_out_dir, write_pack
-from esper.simic.ppo import checkpoint_for
 from esper.simic.preflight import (
     StopSignals,
     add_debug_arg,

@@ -10,9 +10,10 @@ from tiny_config import TINY
 from esper.evaluate import observed_by
 from esper.leyline import ObservationSchema
 from esper.nissa import load_profile
+from esper.simic.checkpoint import load_policy
 from esper.simic.config import TrainingConfig, merge_config
 from esper.simic.env import MorphogeneticEnv, load_config_task
-from esper.simic.ppo import PPOTrainer, load_policy
+from esper.simic.ppo import PPOTrainer
 
 
 def _cfg(observe: str, **extra: dict) -> TrainingConfig:

@@ -14,13 +14,13 @@ from tiny_config import TINY
 
 from esper import generate, train
 from esper.leyline import SCHEMA_VERSION, ObservationSchema
-from esper.simic.checkpoint import load_checkpoint
+from esper.simic.checkpoint import load_checkpoint, load_policy
 from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
 from esper.simic.errors import PackError, PackSchemaError
 from esper.simic.offline import OfflineConfig, OfflineTrainer
 from esper.simic.packs import read_pack, write_pack
-from esper.simic.ppo import PPOTrainer, load_policy
+from esper.simic.ppo import PPOTrainer
 from esper.tamiyo.lstm_policy import HEAD_KEYS
 
 # Long enough that the tiny heuristic germinates, advances and germinates again (21 of 48 steps
@@ -287,7 +287,7 @@ def test_offline_cli_then_evaluate_and_ppo_init(heuristic_pack: Path, tmp_path: 
 def test_bare_ppo_spec_is_the_shipped_controller(heuristic_pack: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """``ppo`` with no path loads the packaged checkpoint; without one it is refused clearly."""
-    import esper.simic.ppo as ppo_mod
+    import esper.simic.checkpoint as checkpoint_mod
     from esper.simic.errors import UsageError
     from esper.simic.preflight import parse_policies
     from esper.tamiyo.policies import make_policy
@@ -296,12 +296,12 @@ def test_bare_ppo_spec_is_the_shipped_controller(heuristic_pack: Path, tmp_path:
     assert train.main(["--policy", "bc", "--data", str(heuristic_pack), "--offline-epochs", "1",
                        "--save", str(ckpt)]) == 0
     cfg = TrainingConfig.from_dict(TINY6)
-    monkeypatch.setattr(ppo_mod, "shipped_controller", lambda: ckpt)
+    monkeypatch.setattr(checkpoint_mod, "shipped_controller", lambda: ckpt)
     assert parse_policies("static,ppo") == [("static", None), ("ppo", None)]
     policy = make_policy("ppo", MorphogeneticEnv(cfg), cfg)
     saved = load_checkpoint(ckpt)["modules"]
     assert all(torch.equal(policy.modules.state_dict()[k], v) for k, v in saved.items())
-    monkeypatch.setattr(ppo_mod, "shipped_controller", lambda: None)
+    monkeypatch.setattr(checkpoint_mod, "shipped_controller", lambda: None)
     with pytest.raises(UsageError, match="ships none"):
         parse_policies("ppo")
     with pytest.raises(ValueError, match="ships none"):
@@ -352,7 +352,7 @@ def test_shipped_controller_is_package_data_for_the_ppo_preset() -> None:
     """The controller in the package was trained on a mix of image and sequence settings (no
     real data: it is scored there), records how it was made, is small, and loads into any
     setting: the `ppo` preset's hosts and the language-model ones."""
-    from esper.simic.ppo import shipped_controller
+    from esper.simic.checkpoint import shipped_controller
 
     path = shipped_controller()
     assert path is not None and path.stat().st_size < 2_000_000

@@ -17,6 +17,7 @@ from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
 from esper.simic.errors import CheckpointError
 from esper.simic.ppo import PPOTrainer
+from esper.simic.ppo_round import collect
 from esper.simic.runner import EpisodeRunner
 from esper.tamiyo.lstm_policy import (
     HEAD_KEYS,
@@ -43,7 +44,7 @@ def tiny_config(**over: dict) -> TrainingConfig:
 def trained() -> tuple[PPOTrainer, TensorDict]:
     trainer = PPOTrainer(tiny_config())
     trainer.train_round()
-    batch = trainer.collect()
+    batch = collect(trainer)
     return trainer, batch
 
 

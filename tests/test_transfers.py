@@ -172,12 +172,13 @@ def test_heuristic_episodes_upload_nothing() -> None:
 def test_ppo_collection_uploads_nothing() -> None:
     """The LSTM policy's epochs too (its action distribution's constants are made once)."""
     from esper.simic.ppo import PPOTrainer
+    from esper.simic.ppo_round import collect
 
     cfg = _cfg().updated(ppo={"minibatch_envs": 3, "epochs": 1, "hidden_size": 16, "lstm_hidden_size": 16})
     trainer = PPOTrainer(cfg)
-    trainer.collect()
+    collect(trainer)
     with UploadAudit() as audit:
-        batch = trainer.collect()
+        batch = collect(trainer)
     assert batch.batch_size == torch.Size([cfg.episode.envs, cfg.episode.length])
     assert audit.uploads == [], audit.sites
 

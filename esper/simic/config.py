@@ -212,7 +212,7 @@ class RewardConfig(_Strict):
 
 
 class PPOConfig(_Strict):
-    """Settings of the LSTM-PPO learner (consumed by simic.ppo)."""
+    """Settings of the LSTM-PPO learner (consumed by simic.ppo_round)."""
 
     lr: float = Field(3e-4, gt=0.0)
     gamma: float = Field(0.99, gt=0.0, le=1.0, description="the one discount: PPO's and reward shaping's")

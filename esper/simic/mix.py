@@ -26,7 +26,8 @@ import yaml
 from esper.nissa import NissaHub, TelemetryConfig
 from esper.simic.config import TrainingConfig
 from esper.simic.errors import ConfigError
-from esper.simic.ppo import PPOTrainer, RoundStats
+from esper.simic.ppo import PPOTrainer
+from esper.simic.ppo_round import RoundStats
 
 
 def read_mix(path: str | Path) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ Three methods, all over *whole episodes* through the LSTMs (``set_recurrent_mode
 
 Both methods also fit the PPO critic (recurrent, value-normalized as in PPO) to the pack's
 discounted returns, so PPO started from the checkpoint (``esper.train --init``) has a useful
-value function from its first round. The output is a checkpoint in :meth:`PPOTrainer.state`'s
+value function from its first round. The output is a checkpoint in :meth:`~esper.simic.ppo.PPOTrainer.state`'s
 format (round 0) with the pack's ``obs_norm``: ``load_policy``/``esper.evaluate --policies
 ppo=CKPT`` load it, and :meth:`PPOTrainer.init` starts PPO from it.
 """
@@ -64,6 +64,7 @@ from esper.simic.offline_losses import (
     prepare_episodes,
 )
 from esper.simic.packs import read_pack
+from esper.simic.ppo_loss import WAIT_BIAS
 from esper.tamiyo.lstm_policy import (
     CRITIC_STATE,
     HEAD_KEYS,
@@ -72,7 +73,6 @@ from esper.tamiyo.lstm_policy import (
 )
 
 METHODS: tuple[str, ...] = ("bc", "iql", "cql")
-WAIT_BIAS = 1.0  # as esper.simic.ppo: the same initial actor
 
 __all__ = ["METHODS", "OfflineConfig", "OfflineTrainer", "train_offline"]
 
@@ -283,7 +283,7 @@ class OfflineTrainer:
 
     # ------------------------------------------------------------------------- checkpoint
     def state(self) -> dict[str, Any]:
-        """A checkpoint in :meth:`PPOTrainer.state`'s format (round 0), plus an ``offline`` record."""
+        """A checkpoint in :meth:`~esper.simic.ppo.PPOTrainer.state`'s format (round 0), plus an ``offline`` record."""
         return {
             "version": CHECKPOINT_VERSION,
             "round": 0,

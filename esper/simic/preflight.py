@@ -181,7 +181,7 @@ def check_task_data(cfg: Any) -> None:
 def parse_policies(text: str | None, where: str = "--policies") -> list[tuple[str, str | None]]:
     """``name`` or ``name=ARG`` specs, each known, listed once, with an argument only where the
     policy takes one; ``ppo=PATH`` checkpoints are loaded (validated) now."""
-    from esper.simic.checkpoint import load_checkpoint
+    from esper.simic.checkpoint import load_checkpoint, shipped_controller
     from esper.tamiyo.policies import POLICIES
 
     raw = [s.strip() for s in (text or "").split(",")]
@@ -203,8 +203,6 @@ def parse_policies(text: str | None, where: str = "--policies") -> list[tuple[st
             raise UsageError(f"random policy seed {arg!r} is not a non-negative integer", where,
                              "random or random=SEED (e.g. random=3)")
         if name in CHECKPOINT_POLICIES:
-            from esper.simic.ppo import shipped_controller
-
             if not arg and shipped_controller() is None:
                 raise UsageError(f"policy {name!r} needs a checkpoint: this install ships none", where,
                                  f"write {name}=PATH")
@@ -269,8 +267,7 @@ def check_fresh_checkpoint(save: Path, resume: Path | None, force: bool, resumab
 def check_resume(resume: Path, cfg: Any) -> dict[str, Any]:
     """The checkpoint loads, was trained with this run's env count and setting (before any env
     is built or telemetry written), and ``cfg.ppo.rounds`` leaves something to train."""
-    from esper.simic.checkpoint import load_checkpoint
-    from esper.simic.ppo import check_resumable
+    from esper.simic.checkpoint import check_resumable, load_checkpoint
 
     try:
         ckpt = load_checkpoint(resume)
