@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from esper.simic.cli import add_common_args, build_config
-from esper.simic.config import PRESETS, TrainingConfig
+from esper.simic.config import TrainingConfig
 from esper.simic.errors import ConfigError
+from esper.simic.presets import PRESETS
 from esper.tamiyo.policies import make_policy
 
 
