@@ -100,4 +100,5 @@ def test_a_controller_is_evaluated_on_the_observation_it_was_trained_on(task, tm
     with pytest.raises(Exception, match=r"features.observe.*observe: checkpoint 'standard' != run 'minimal'"):
         load_policy(path, MorphogeneticEnv(_cfg("minimal"), task=task), deterministic=True)
     policy = load_policy(path, MorphogeneticEnv(cfg, task=task), deterministic=True)
-    assert policy is not None
+    loaded = policy.modules.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trainer.modules.state_dict().items())

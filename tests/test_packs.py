@@ -12,6 +12,7 @@ import torch
 from tensordict import TensorDict
 from tiny_config import TINY
 
+import esper
 from esper import generate, train
 from esper.leyline import SCHEMA_VERSION, ObservationSchema
 from esper.simic.checkpoint import load_checkpoint, load_policy
@@ -233,6 +234,7 @@ def test_iql_loss_is_finite_with_gradients_on_all_heads(heuristic_pack: Path) ->
     losses = trainer.iql(trainer.train_data.clone(False))
     for k in ("loss_actor", "loss_qvalue", "loss_value"):
         assert torch.isfinite(losses[k]), k
+    assert losses["loss_qvalue"] > 0 and losses["loss_value"] > 0  # squared and expectile errors
     (losses["loss_actor"] + losses["loss_qvalue"] + losses["loss_value"]).backward()
     heads = dict(trainer.modules.named_parameters())
     for h in HEAD_KEYS:
@@ -242,6 +244,7 @@ def test_iql_loss_is_finite_with_gradients_on_all_heads(heuristic_pack: Path) ->
     for p in trainer.qv_params:
         assert p.grad is not None and torch.isfinite(p.grad).all()
     stats = trainer.train(3)
+    assert [s.epoch for s in stats] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor([s.loss, s.q, s.v])).all() for s in stats)
     agree = trainer.agreement()
     assert 0.0 <= agree["action"] <= 1.0 and agree["steps"] == 2 * 6
@@ -317,7 +320,7 @@ def test_ppo_checkpoint_records_its_provenance(heuristic_pack: Path, tmp_path: P
     trainer.init(ckpt)
     prov = trainer.state()["provenance"]
     assert prov["init_from"] == str(ckpt) and prov["command"].startswith("python -m")
-    assert prov["code"]["package"] is not None
+    assert prov["code"]["package"] == esper.__version__
     offline = next(x for x in prov["lineage"] if "method" in x)
     assert offline["method"] == "bc" and offline["pack"] == str(heuristic_pack)
     assert offline["pack_id"] == read_pack(heuristic_pack)[1]["pack_id"]
