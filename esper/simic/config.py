@@ -11,7 +11,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from esper.kasmina.blueprints import BLUEPRINTS, family_blueprints
 from esper.kasmina.gates import GateConfig
+from esper.kasmina.hosts import HOST_PRESETS
 from esper.leyline import CANONICAL_SLOTS
 from esper.nissa.config import yaml_problem
 from esper.simic.errors import ConfigError
@@ -53,9 +55,6 @@ class KasminaSection(Strict):
         bad = [s for s in self.slots if s not in CANONICAL_SLOTS]
         if bad or not self.slots:
             raise ValueError(f"slots must be a non-empty subset of {list(CANONICAL_SLOTS)}, got {bad}")
-        from esper.kasmina.blueprints import BLUEPRINTS, family_blueprints
-        from esper.kasmina.hosts import HOST_PRESETS
-
         if self.host not in HOST_PRESETS:
             raise ValueError(f"unknown host {self.host!r}; allowed: {sorted(HOST_PRESETS)}")
         if self.blueprints is not None:
@@ -204,8 +203,6 @@ class TrainingConfig(Strict):
 
         Not a field validator: a config file may set the host and leave the task to the preset
         it is applied over, so this runs on the merged config (``simic.cli.build_config``)."""
-        from esper.kasmina.hosts import HOST_PRESETS
-
         self.task.check_fields()
         need = self.task.family
         if HOST_PRESETS[self.kasmina.host].family != need:

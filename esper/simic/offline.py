@@ -54,6 +54,7 @@ from torchrl.objectives import SoftUpdate
 
 from esper.kasmina.blueprints import blueprint_catalogue
 from esper.simic.checkpoint import CHECKPOINT_VERSION, save_checkpoint
+from esper.simic.cli import build_config
 from esper.simic.config import TrainingConfig
 from esper.simic.cql import FactoredCQLLoss, with_next_masks
 from esper.simic.errors import ConfigError, PackError
@@ -65,6 +66,7 @@ from esper.simic.offline_losses import (
 )
 from esper.simic.packs import read_pack
 from esper.simic.ppo_loss import WAIT_BIAS
+from esper.simic.preflight import check_fresh_checkpoint
 from esper.tamiyo.lstm_policy import (
     CRITIC_STATE,
     HEAD_KEYS,
@@ -323,8 +325,6 @@ def train_offline(args: Any, console: Any) -> int:
     """
     import sys
 
-    from esper.simic.cli import build_config
-    from esper.simic.preflight import check_fresh_checkpoint
 
     def fail(what: str, where: str, allowed: str) -> int:
         print(f"error: {what} ({where}); {allowed}", file=sys.stderr)
