@@ -12,6 +12,7 @@ import torch
 
 from esper.simic.config import TrainingConfig
 from esper.simic.ppo import PPOTrainer
+from esper.simic.ppo_round import advantages, collect, update
 
 ENVS, LENGTH = 8, 6
 
@@ -33,10 +34,11 @@ def _config(compile_loss: bool) -> TrainingConfig:
 @pytest.mark.parametrize("mode", ["eager"])
 def test_ppo_update(benchmark, mode: str) -> None:
     trainer = PPOTrainer(_config(mode == "compiled"))
-    batch = trainer.advantages(trainer.collect())
+    batch = advantages(trainer, collect(trainer))
     trainer.modules.train()
-    trainer.update(batch)  # warm-up (compiles the loss in compiled mode)
-    benchmark.pedantic(lambda: trainer.update(batch), rounds=3, iterations=1)
+    sched = trainer.schedule()
+    update(trainer, batch, sched)  # warm-up (compiles the loss in compiled mode)
+    benchmark.pedantic(lambda: update(trainer, batch, sched), rounds=3, iterations=1)
     p = trainer.cfg.ppo
     benchmark.extra_info.update(
         {"mode": mode, "envs": ENVS, "length": LENGTH, "ppo_epochs": p.epochs}
@@ -44,6 +46,6 @@ def test_ppo_update(benchmark, mode: str) -> None:
     benchmark.extra_info["transitions_per_s"] = (
         ENVS * LENGTH * p.epochs / benchmark.stats.stats.mean
     )
-    metrics = trainer.update(batch)
+    metrics = update(trainer, batch, sched)
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in metrics.values())
     assert 1 <= metrics["passes"] <= p.epochs

@@ -7,9 +7,11 @@ minibatches, same active seeds). Plus the per-epoch telemetry work of each Nissa
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tensordict import TensorDict
@@ -17,11 +19,13 @@ from tensordict import TensorDict
 from esper.kasmina.blueprints import BLUEPRINTS
 from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
 from esper.kasmina.gates import GateConfig
-from esper.kasmina.reference import ReferenceHost
 from esper.kasmina.state import as_dicts
 from esper.leyline import Op
 from esper.nissa import load_profile, materialize
 from esper.tasks import TaskData, load_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_host import ReferenceHost
 
 PROFILES = ("minimal", "standard", "diagnostic", "research")
 

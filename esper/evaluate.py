@@ -19,21 +19,22 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
 from esper.atomic import atomic_write
 from esper.nissa import TelemetryConfig
 from esper.progress import RunProgress
 from esper.report.compare import check_plot_target, write_comparison
-from esper.simic.checkpoint import load_checkpoint
+from esper.simic.checkpoint import (  # registers ppo=PATH, ppo_sample=PATH
+    checkpoint_for,
+    load_checkpoint,
+)
 from esper.simic.cli import add_common_args, maybe_trace, run_hub
 from esper.simic.config import TrainingConfig
 from esper.simic.distributed import Ranks, main_rank
 from esper.simic.env import load_config_task
+from esper.simic.errors import Interrupted, UsageError
 from esper.simic.launch import add_dist_args, for_rank, joined, trace_dir
 from esper.simic.preflight import (
-    Interrupted,
     StopSignals,
-    UsageError,
     add_debug_arg,
     check_config,
     check_file_target,
@@ -68,8 +69,6 @@ _SETTING_SECTIONS = ("task", "kasmina", "reward", "heuristic", "fixed", "ppo", "
 
 def trained_setting(policies: list[tuple[str, str | None]]) -> tuple[dict[str, Any], str] | None:
     """The training setting of the first learned controller listed, and its checkpoint path."""
-    from esper.simic.ppo import checkpoint_for
-
     for name, arg in policies:
         if name in ("ppo", "ppo_sample"):
             path = checkpoint_for(arg, name)
@@ -84,8 +83,6 @@ def trained_setting(policies: list[tuple[str, str | None]]) -> tuple[dict[str, A
 def observed_by(spec: str, cfg: Any) -> Any:
     """``cfg`` with the observation a listed learned controller was trained on
     (``features.observe``): its inputs are part of the policy, whatever else is evaluated."""
-    from esper.simic.ppo import checkpoint_for
-
     name, _, arg = spec.partition("=")
     if name not in ("ppo", "ppo_sample"):
         return cfg

@@ -17,16 +17,18 @@ from typing import Any
 
 from rich.console import Console
 
-import esper.simic.ppo  # noqa: F401  (registers the trained policies: ppo=PATH, ppo_sample=PATH)
 from esper.progress import RunProgress
-from esper.simic.checkpoint import CheckpointError, check_matches, load_checkpoint
+from esper.simic.checkpoint import (  # registers ppo=PATH, ppo_sample=PATH
+    check_matches,
+    checkpoint_for,
+    load_checkpoint,
+)
 from esper.simic.cli import add_common_args, make_hub
 from esper.simic.env import MorphogeneticEnv
-from esper.simic.packs import PackBuilder, PackError, check_out_dir, write_pack
-from esper.simic.ppo import checkpoint_for
+from esper.simic.errors import CheckpointError, PackError, UsageError
+from esper.simic.packs import PackBuilder, check_out_dir, write_pack
 from esper.simic.preflight import (
     StopSignals,
-    UsageError,
     add_debug_arg,
     check_config,
     parse_policies,

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from esper.simic.cli import add_common_args, build_config
-from esper.simic.config import PRESETS, ConfigError, TrainingConfig
+from esper.simic.config import TrainingConfig
+from esper.simic.errors import ConfigError
+from esper.simic.presets import PRESETS
+from esper.tamiyo.baselines import StaticPolicy
 from esper.tamiyo.policies import make_policy
 
 
@@ -49,7 +52,7 @@ def test_ppo_run_is_not_refused_for_a_heuristic_setting() -> None:
     env = SimpleNamespace(n=2, blueprint_names=("norm", "conv_small"), device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="warmup_epochs"):  # the factory checks the policy it builds
         make_policy("heuristic", env, cfg)
-    assert make_policy("static", env, cfg) is not None
+    assert isinstance(make_policy("static", env, cfg), StaticPolicy)
 
 
 def test_preset_applies_under_the_config_file(tmp_path) -> None:

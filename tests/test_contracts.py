@@ -30,8 +30,9 @@ from esper.leyline import (
     stage_mask,
 )
 from esper.nissa import BlueprintAnalytics
-from esper.simic.config import ConfigError, TrainingConfig, merge_config
+from esper.simic.config import TrainingConfig, merge_config
 from esper.simic.env import kasmina_config, load_config_task
+from esper.simic.errors import ConfigError
 from esper.tamiyo import heuristic
 from esper.tamiyo.config import FeatureConfig, HeuristicConfig
 from esper.tamiyo.features import FeatureBuilder, new_tracker

@@ -14,13 +14,12 @@ from torch import nn
 from torchrl.modules.value_norm import RunningValueNorm
 
 from esper import generate, train
-from esper.simic.checkpoint import load_checkpoint
+from esper.simic.checkpoint import load_checkpoint, load_policy
 from esper.simic.config import TrainingConfig
 from esper.simic.cql import FactoredCQLLoss, with_next_masks
 from esper.simic.env import MorphogeneticEnv
 from esper.simic.offline import OfflineConfig, OfflineTrainer
 from esper.simic.packs import read_pack
-from esper.simic.ppo import load_policy
 from esper.tamiyo.lstm_policy import PolicyShape, TamiyoModules
 
 TINY6 = copy.deepcopy(TINY) | {"episode": {"length": 6, "envs": 4}}

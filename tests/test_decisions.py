@@ -10,9 +10,10 @@ from esper.leyline import NUM_GATES, GateId, Op, SeedStage
 from esper.leyline.constants import GateReason
 from esper.nissa import NissaHub, load_profile
 from esper.nissa.decisions import decision_context, why_refused
+from esper.simic.checkpoint import load_policy
 from esper.simic.config import TrainingConfig, merge_config
 from esper.simic.env import MorphogeneticEnv, load_config_task
-from esper.simic.ppo import PPOTrainer, load_policy
+from esper.simic.ppo import PPOTrainer
 from esper.simic.runner import EpisodeRunner
 from esper.tamiyo.policies import make_policy
 

@@ -19,7 +19,8 @@ from esper.device import resolve_device
 from esper.simic.cli import add_common_args, build_config
 from esper.simic.config import TrainingConfig
 from esper.simic.env import load_config_task
-from esper.simic.preflight import UsageError, check_device
+from esper.simic.errors import UsageError
+from esper.simic.preflight import check_device
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ import torch
 from tiny_config import TINY
 
 from esper import evaluate, train
-from esper.simic.checkpoint import load_checkpoint
+from esper.simic.checkpoint import load_checkpoint, shipped_controller
 from esper.simic.config import TrainingConfig
 from esper.simic.heldout import HELDOUT_SEED_OFFSET, HeldOutCheck, HeldOutScore
-from esper.simic.ppo import PPOTrainer, shipped_controller
+from esper.simic.ppo import PPOTrainer
 from esper.simic.start import shipped_start
 
 

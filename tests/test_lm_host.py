@@ -19,7 +19,8 @@ from esper.kasmina.state import as_dicts, init_state
 from esper.kasmina.step import StepHyper, train_step
 from esper.kasmina.transformer import env_major, to_grouped
 from esper.leyline import Op, SeedStage
-from esper.simic.config import ConfigError, TrainingConfig
+from esper.simic.config import TrainingConfig
+from esper.simic.errors import ConfigError
 from esper.tasks.grammar import make_grammar_task
 
 S = SeedStage

@@ -9,7 +9,8 @@ import torch
 
 from esper.kasmina.blueprints import blueprint_catalogue
 from esper.simic.checkpoint import load_checkpoint
-from esper.simic.config import ConfigError, TrainingConfig
+from esper.simic.config import TrainingConfig
+from esper.simic.errors import ConfigError
 from esper.simic.mix import MixedTrainer, read_mix
 from esper.train import main as train_main
 

@@ -10,9 +10,10 @@ from tiny_config import TINY
 from esper.evaluate import observed_by
 from esper.leyline import ObservationSchema
 from esper.nissa import load_profile
+from esper.simic.checkpoint import load_policy
 from esper.simic.config import TrainingConfig, merge_config
 from esper.simic.env import MorphogeneticEnv, load_config_task
-from esper.simic.ppo import PPOTrainer, load_policy
+from esper.simic.ppo import PPOTrainer
 
 
 def _cfg(observe: str, **extra: dict) -> TrainingConfig:
@@ -99,4 +100,5 @@ def test_a_controller_is_evaluated_on_the_observation_it_was_trained_on(task, tm
     with pytest.raises(Exception, match=r"features.observe.*observe: checkpoint 'standard' != run 'minimal'"):
         load_policy(path, MorphogeneticEnv(_cfg("minimal"), task=task), deterministic=True)
     policy = load_policy(path, MorphogeneticEnv(cfg, task=task), deterministic=True)
-    assert policy is not None
+    loaded = policy.modules.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trainer.modules.state_dict().items())

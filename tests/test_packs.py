@@ -12,14 +12,16 @@ import torch
 from tensordict import TensorDict
 from tiny_config import TINY
 
+import esper
 from esper import generate, train
 from esper.leyline import SCHEMA_VERSION, ObservationSchema
-from esper.simic.checkpoint import load_checkpoint
+from esper.simic.checkpoint import load_checkpoint, load_policy
 from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.errors import PackError, PackSchemaError
 from esper.simic.offline import OfflineConfig, OfflineTrainer
-from esper.simic.packs import PackError, PackSchemaError, read_pack, write_pack
-from esper.simic.ppo import PPOTrainer, load_policy
+from esper.simic.packs import read_pack, write_pack
+from esper.simic.ppo import PPOTrainer
 from esper.tamiyo.lstm_policy import HEAD_KEYS
 
 # Long enough that the tiny heuristic germinates, advances and germinates again (21 of 48 steps
@@ -232,6 +234,7 @@ def test_iql_loss_is_finite_with_gradients_on_all_heads(heuristic_pack: Path) ->
     losses = trainer.iql(trainer.train_data.clone(False))
     for k in ("loss_actor", "loss_qvalue", "loss_value"):
         assert torch.isfinite(losses[k]), k
+    assert losses["loss_qvalue"] > 0 and losses["loss_value"] > 0  # squared and expectile errors
     (losses["loss_actor"] + losses["loss_qvalue"] + losses["loss_value"]).backward()
     heads = dict(trainer.modules.named_parameters())
     for h in HEAD_KEYS:
@@ -241,6 +244,7 @@ def test_iql_loss_is_finite_with_gradients_on_all_heads(heuristic_pack: Path) ->
     for p in trainer.qv_params:
         assert p.grad is not None and torch.isfinite(p.grad).all()
     stats = trainer.train(3)
+    assert [s.epoch for s in stats] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor([s.loss, s.q, s.v])).all() for s in stats)
     agree = trainer.agreement()
     assert 0.0 <= agree["action"] <= 1.0 and agree["steps"] == 2 * 6
@@ -286,20 +290,21 @@ def test_offline_cli_then_evaluate_and_ppo_init(heuristic_pack: Path, tmp_path: 
 def test_bare_ppo_spec_is_the_shipped_controller(heuristic_pack: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """``ppo`` with no path loads the packaged checkpoint; without one it is refused clearly."""
-    import esper.simic.ppo as ppo_mod
-    from esper.simic.preflight import UsageError, parse_policies
+    import esper.simic.checkpoint as checkpoint_mod
+    from esper.simic.errors import UsageError
+    from esper.simic.preflight import parse_policies
     from esper.tamiyo.policies import make_policy
 
     ckpt = tmp_path / "bc.pt"
     assert train.main(["--policy", "bc", "--data", str(heuristic_pack), "--offline-epochs", "1",
                        "--save", str(ckpt)]) == 0
     cfg = TrainingConfig.from_dict(TINY6)
-    monkeypatch.setattr(ppo_mod, "shipped_controller", lambda: ckpt)
+    monkeypatch.setattr(checkpoint_mod, "shipped_controller", lambda: ckpt)
     assert parse_policies("static,ppo") == [("static", None), ("ppo", None)]
     policy = make_policy("ppo", MorphogeneticEnv(cfg), cfg)
     saved = load_checkpoint(ckpt)["modules"]
     assert all(torch.equal(policy.modules.state_dict()[k], v) for k, v in saved.items())
-    monkeypatch.setattr(ppo_mod, "shipped_controller", lambda: None)
+    monkeypatch.setattr(checkpoint_mod, "shipped_controller", lambda: None)
     with pytest.raises(UsageError, match="ships none"):
         parse_policies("ppo")
     with pytest.raises(ValueError, match="ships none"):
@@ -315,7 +320,7 @@ def test_ppo_checkpoint_records_its_provenance(heuristic_pack: Path, tmp_path: P
     trainer.init(ckpt)
     prov = trainer.state()["provenance"]
     assert prov["init_from"] == str(ckpt) and prov["command"].startswith("python -m")
-    assert prov["code"]["package"] is not None
+    assert prov["code"]["package"] == esper.__version__
     offline = next(x for x in prov["lineage"] if "method" in x)
     assert offline["method"] == "bc" and offline["pack"] == str(heuristic_pack)
     assert offline["pack_id"] == read_pack(heuristic_pack)[1]["pack_id"]
@@ -350,7 +355,7 @@ def test_shipped_controller_is_package_data_for_the_ppo_preset() -> None:
     """The controller in the package was trained on a mix of image and sequence settings (no
     real data: it is scored there), records how it was made, is small, and loads into any
     setting: the `ppo` preset's hosts and the language-model ones."""
-    from esper.simic.ppo import shipped_controller
+    from esper.simic.checkpoint import shipped_controller
 
     path = shipped_controller()
     assert path is not None and path.stat().st_size < 2_000_000

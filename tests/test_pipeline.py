@@ -18,6 +18,7 @@ from esper.nissa.syncs import count_host_syncs
 from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
 from esper.simic.ppo import PPOTrainer
+from esper.simic.ppo_round import collect
 from esper.simic.runner import EpisodeRunner
 from esper.tamiyo.policies import make_policy
 from esper.tasks import TaskData, load_task
@@ -38,10 +39,10 @@ def test_ppo_collection_makes_one_transfer_per_epoch() -> None:
     """torchrl's Collector drives the env; each epoch leaves the device exactly once."""
     cfg = _cfg()
     trainer = PPOTrainer(cfg)
-    trainer.collect()  # first batch: lazy set-up is not the loop
+    collect(trainer)  # first batch: lazy set-up is not the loop
     before = TRANSFERS.count
     with count_host_syncs() as syncs:
-        batch = trainer.collect()
+        batch = collect(trainer)
     epochs = cfg.episode.length
     assert batch.batch_size == torch.Size([cfg.episode.envs, epochs])
     assert TRANSFERS.count - before == epochs

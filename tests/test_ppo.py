@@ -12,12 +12,15 @@ from torchrl.modules.value_norm import RunningValueNorm
 
 from esper.kasmina.blueprints import blueprint_catalogue
 from esper.leyline import NUM_OPS, Op
-from esper.simic.checkpoint import CheckpointError, load_checkpoint
+from esper.simic.checkpoint import load_checkpoint
 from esper.simic.config import TrainingConfig
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.errors import CheckpointError
 from esper.simic.ppo import PPOTrainer
+from esper.simic.ppo_round import collect
 from esper.simic.runner import EpisodeRunner
 from esper.tamiyo.lstm_policy import (
+    ACTOR_STATE,
     HEAD_KEYS,
     FactoredActionDistribution,
     PolicyShape,
@@ -42,17 +45,21 @@ def tiny_config(**over: dict) -> TrainingConfig:
 def trained() -> tuple[PPOTrainer, TensorDict]:
     trainer = PPOTrainer(tiny_config())
     trainer.train_round()
-    batch = trainer.collect()
+    batch = collect(trainer)
     return trainer, batch
 
 
 def test_short_eager_run(trained: tuple[PPOTrainer, TensorDict]) -> None:
     trainer, _ = trained
     stats = trainer.history[-1]
-    assert trainer.round == 1
-    for key in ("mean_return", "kl", "clip_fraction", "explained_variance", "env_epochs_per_s"):
-        assert torch.isfinite(torch.tensor(stats[key])), key
-    assert set(stats["entropy"]) == set(HEAD_KEYS)
+    assert trainer.round == 1 and stats["round"] == 1 and stats["rolled_back"] is None
+    assert 1 <= stats["passes"] <= trainer.cfg.ppo.epochs
+    assert 0.0 <= stats["clip_fraction"] <= 1.0 and abs(stats["kl"]) < 0.5  # small steps from the start
+    assert -10.0 < stats["explained_variance"] <= 1.0 and stats["value_loss"] >= 0.0
+    assert stats["env_epochs_per_s"] > 0 and stats["collect_s"] > 0 and stats["update_s"] > 0
+    assert stats["lr"] == trainer.cfg.ppo.lr and stats["entropy_scale"] == 1.0  # round 1: the schedule's start
+    assert -10.0 < stats["mean_return"] < 10.0 and 0.0 <= stats["test_acc"] <= 100.0
+    assert set(stats["entropy"]) == set(HEAD_KEYS) and all(v >= 0.0 for v in stats["entropy"].values())
     assert abs(sum(stats["op_freq"]) - 1.0) < 1e-5
 
 
@@ -62,7 +69,9 @@ def test_short_compiled_run() -> None:
     trainer = PPOTrainer(tiny_config(compile=True, episode={"envs": 2, "length": 3},
                                      ppo={"minibatch_envs": 2, "epochs": 1}))
     stats = trainer.train_round()
-    assert trainer.round == 1 and torch.isfinite(torch.tensor(stats.mean_return))
+    assert trainer.round == 1 and stats.rolled_back is None and 1 <= stats.passes <= 1
+    assert 0.0 <= stats.clip_fraction <= 1.0 and 0.0 <= stats.test_acc <= 100.0
+    assert abs(sum(stats.op_freq) - 1.0) < 1e-5
 
 
 def test_hidden_state_is_carried(trained: tuple[PPOTrainer, TensorDict]) -> None:
@@ -116,7 +125,8 @@ def test_sampled_actions_respect_op_dependent_slot_mask() -> None:
     assert op_mask.gather(1, s["op"][:, None]).all()
     legal = slot_mask[torch.arange(n), s["op"], s["slot"]]
     assert legal.all()
-    assert torch.isfinite(dist.log_prob(s)["slot_log_prob"]).all()
+    lp = dist.log_prob(s)["slot_log_prob"]
+    assert torch.isfinite(lp).all() and (lp <= 0).all()
 
 
 def test_irrelevant_heads_do_not_count() -> None:
@@ -215,7 +225,9 @@ def test_trained_policy_runs_in_evaluate_registry(tmp_path: Path, trained: tuple
 
 def test_modules_shapes() -> None:
     m = TamiyoModules(PolicyShape(10, 3, 2, 3, 8, 8), RunningValueNorm(shape=1))
-    assert m.primer() is not None
+    primer = m.primer()
+    assert set(primer.primers.keys(True, True)) == set(ACTOR_STATE)  # the actor's (h, c); the critic recomputes
+    assert all(spec.shape[-1] == 8 for spec in primer.primers.values(True, True))
     assert {k for k in m.actor.dist_sample_keys} == set(HEAD_KEYS)
 
 

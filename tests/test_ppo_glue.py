@@ -13,10 +13,13 @@ from tiny_config import TINY
 from torchrl.modules import set_recurrent_mode
 
 from esper.leyline import Op, SeedStage
-from esper.simic.checkpoint import CheckpointError, load_checkpoint
+from esper.simic import ppo_round
+from esper.simic.checkpoint import check_resumable, load_checkpoint
 from esper.simic.config import TrainingConfig, merge_config
 from esper.simic.env import MorphogeneticEnv
-from esper.simic.ppo import PPOTrainer, check_resumable
+from esper.simic.errors import CheckpointError
+from esper.simic.ppo import PPOTrainer
+from esper.simic.ppo_round import RoundParts, RoundResult, advantages, collect
 from esper.simic.rewards import STAGE_POTENTIAL
 
 
@@ -33,25 +36,27 @@ def test_collapsing_update_is_judged_after_it_and_rolled_back_to_the_policy_befo
     round it happens: the judged policy is the updated one, the restored one is what collected."""
     trainer = PPOTrainer(_cfg())
     before = _state(trainer)
-    update = trainer.update
 
-    def collapsing_update(batch: TensorDict) -> dict:
-        out = update(batch)
-        with torch.no_grad():  # what a broken update leaves behind
-            trainer.modules.actor.module[0].module[2].module.op.bias[Op.WAIT] += 1e4
-            head = trainer.modules.critic.module[2].module.head
-            head.weight.mul_(1e4)
-            head.bias.add_(1e3)
-        return out
+    class CollapsingUpdate:  # a fault drill hook: what a broken update leaves behind
+        def after_update(self, parts: RoundParts, number: int) -> None:
+            with torch.no_grad():
+                parts.modules.actor.module[0].module[2].module.op.bias[Op.WAIT] += 1e4
+                head = parts.modules.critic.module[2].module.head
+                head.weight.mul_(1e4)
+                head.bias.add_(1e3)
 
-    trainer.update = collapsing_update  # type: ignore[method-assign]
+        def after_round(self, result: RoundResult) -> None:
+            pass
+
+    drill = CollapsingUpdate()
+    trainer.hooks.append(drill)
     stats = trainer.train_round()
     assert stats.rolled_back is not None and stats.rolled_back.startswith("collapsed"), stats.rolled_back
     after = trainer.modules.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v), k
     # a healthy update is kept
-    trainer.update = update  # type: ignore[method-assign]
+    trainer.hooks.remove(drill)
     kept = trainer.train_round()
     assert kept.rolled_back is None
     assert any(not torch.equal(trainer.modules.state_dict()[k], v) for k, v in before.items())
@@ -89,9 +94,9 @@ def test_rolled_back_steps_are_masked_out_of_gae_and_the_loss() -> None:
     bootstraps from the value of the state it started in, and its data changes no loss."""
     gamma = TrainingConfig().ppo.gamma
     trainer = PPOTrainer(_cfg(faults={"nan_loss_envs": [1], "at_epoch": 2}))
-    batch = trainer.collect()
+    batch = collect(trainer)
     assert batch.get(("next", "rolled_back")).tolist() == [[False] * 3, [False, True, False]]
-    trainer.advantages(batch)
+    advantages(trainer, batch)
     valid = batch.get("shifted_valid").reshape(2, 3)
     assert valid.tolist() == [[True] * 3, [True, False, True]]
     v, adv = batch.get("state_value"), batch.get("advantage")
@@ -136,7 +141,7 @@ def test_each_episode_resets_each_env_once() -> None:
     trainer = PPOTrainer(_cfg())
     counters = []
     for _ in range(3):
-        trainer.collect()
+        collect(trainer)
         counters.append(trainer.base_env.kasmina.episode.tolist())
     assert np.diff(np.array(counters), axis=0).tolist() == [[1, 1], [1, 1]]
 
@@ -178,18 +183,17 @@ def test_shaping_telescopes_under_rollback_and_the_discounted_return_is_reported
         assert summaries[i].total_reward == pytest.approx(float(total[:, i].sum()), abs=1e-6)
 
 
-def test_accepted_is_the_rate_over_the_whole_round() -> None:
+def test_accepted_is_the_rate_over_the_whole_round(monkeypatch: pytest.MonkeyPatch) -> None:
     """``RoundStats.accepted`` counts every decision of the round, not the last epoch's only:
     one refused decision at the first epoch shows (the last epoch all applied)."""
     trainer = PPOTrainer(_cfg())
-    collect = trainer.collect
 
-    def with_one_refusal() -> TensorDict:
-        batch = collect()
+    def with_one_refusal(parts: RoundParts) -> TensorDict:
+        batch = collect(parts)
         batch["next", "signals", "action_accepted"][0, 0] = False  # as the env reports a refused op
         return batch
 
-    trainer.collect = with_one_refusal  # type: ignore[method-assign]
+    monkeypatch.setattr(ppo_round, "collect", with_one_refusal)
     stats = trainer.train_round()
     assert trainer.base_env.pipeline.last["signals.action_accepted"].all()
     assert stats.accepted == pytest.approx(1.0 - 1.0 / 6.0)

@@ -24,6 +24,7 @@ from tiny_config import TINY
 from esper import train
 from esper.progress import COMPILES, RunProgress, clock
 from esper.report.__main__ import main as report_main
+from esper.simic.train_output import fresh_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -189,10 +190,10 @@ def test_the_readme_train_command_runs_twice_and_names_a_reportable_directory(tm
 def test_fresh_run_dirs_never_collide(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("ESPER_RUNS", str(tmp_path / "r"))
     now = datetime(2026, 12, 5, 8, 1, 2)
-    first = train.fresh_run_dir("ppo", now)
+    first = fresh_run_dir("ppo", now)
     assert first == tmp_path / "r" / "ppo-20261205-080102"
     first.mkdir(parents=True)
-    assert train.fresh_run_dir("ppo=x.pt", now) == tmp_path / "r" / "ppo-20261205-080102-2"
+    assert fresh_run_dir("ppo=x.pt", now) == tmp_path / "r" / "ppo-20261205-080102-2"
 
 
 def test_an_explicit_run_dir_keeps_the_overwrite_rule(tmp_path: Path, capsys) -> None:

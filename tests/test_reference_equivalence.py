@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_host import ReferenceHost
 from tensordict import TensorDict
 
 from esper.kasmina.blueprints import family_blueprints
 from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
 from esper.kasmina.gates import GateConfig
-from esper.kasmina.reference import ReferenceHost
 from esper.kasmina.state import as_dicts
 from esper.kasmina.step import train_step
 from esper.leyline import Op, SeedStage

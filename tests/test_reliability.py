@@ -16,8 +16,9 @@ from tiny_config import TINY
 from esper import evaluate, generate, train
 from esper.nissa import NissaHub, make_backends
 from esper.simic.checkpoint import load_checkpoint, save_checkpoint
-from esper.simic.config import ConfigError, TrainingConfig, merge_config
+from esper.simic.config import TrainingConfig, merge_config
 from esper.simic.env import MorphogeneticEnv
+from esper.simic.errors import ConfigError
 from esper.simic.governor import policy_divergence
 from esper.simic.runner import EpisodeRunner
 from esper.tamiyo.features import RunningNorm

@@ -44,7 +44,7 @@ def test_ratio_drill_names_the_transitions() -> None:
     with their old and new log-probabilities (here the bounds are drawn tight around 1, so
     the first update's own change trips them)."""
     from esper.simic.config import TrainingConfig
-    from esper.simic.ppo import PPOTrainer
+    from esper.simic.ppo import PPOTrainer, RoundTelemetry
 
     trainer = PPOTrainer(TrainingConfig.from_dict(TINY))
     trainer.monitor.ratio_bounds = (1 - 1e-9, 1 + 1e-9)
@@ -60,7 +60,7 @@ def test_ratio_drill_names_the_transitions() -> None:
         def flush(self) -> None:
             return None
 
-    trainer.hub = Hub()
+    trainer.hooks.append(RoundTelemetry(Hub()))  # telemetry attaches to the rounds as a hook
     stats = trainer.train_round()
     (debug,) = [e for e in events if getattr(e, "detector", "") == "ratio_debug"]
     rows = debug.payload["transitions"]

@@ -15,8 +15,9 @@ from torchrl.envs.utils import check_env_specs
 from esper.kasmina.gates import GateConfig
 from esper.kasmina.slots import Lifecycle, new_slot_state
 from esper.leyline import NUM_GATES, NUM_STAGES, GateId, Op, SeedStage
-from esper.simic.config import ConfigError, RewardConfig, TrainingConfig
+from esper.simic.config import RewardConfig, TrainingConfig
 from esper.simic.env import MorphogeneticEnv, load_config_task
+from esper.simic.errors import ConfigError
 from esper.simic.rewards import RewardComponents, ShapedReward
 from esper.simic.runner import EpisodeRunner
 from esper.tamiyo.baselines import RandomPolicy

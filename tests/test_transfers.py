@@ -23,7 +23,7 @@ from tensordict import TensorDict
 from tiny_config import TINY
 from upload_audit import UploadAudit
 
-import esper.kasmina.epoch as epoch_module
+import esper.kasmina.seed_ops as seed_ops_module
 from esper import rng
 from esper.kasmina.epoch import KasminaConfig, MorphogeneticBatch
 from esper.kasmina.state import init_seeds
@@ -116,7 +116,7 @@ def test_seeds_are_initialized_only_for_the_snapshots_germinations(task, monkeyp
         calls.append((slot, only))
         return init_seeds(arch, keys, slot, germination, only)
 
-    monkeypatch.setattr(epoch_module, "init_seeds", counted)
+    monkeypatch.setattr(seed_ops_module, "init_seeds", counted)
     for _ in range(2):  # as the pipeline drives it: each epoch, then its snapshot's germinations
         sig = mb.run_epoch(_act(3, Op.WAIT))
         mb.reinit_germinated(sig["germinated"].numpy(), sig["blueprint"].numpy())
@@ -172,12 +172,13 @@ def test_heuristic_episodes_upload_nothing() -> None:
 def test_ppo_collection_uploads_nothing() -> None:
     """The LSTM policy's epochs too (its action distribution's constants are made once)."""
     from esper.simic.ppo import PPOTrainer
+    from esper.simic.ppo_round import collect
 
     cfg = _cfg().updated(ppo={"minibatch_envs": 3, "epochs": 1, "hidden_size": 16, "lstm_hidden_size": 16})
     trainer = PPOTrainer(cfg)
-    trainer.collect()
+    collect(trainer)
     with UploadAudit() as audit:
-        batch = trainer.collect()
+        batch = collect(trainer)
     assert batch.batch_size == torch.Size([cfg.episode.envs, cfg.episode.length])
     assert audit.uploads == [], audit.sites
 

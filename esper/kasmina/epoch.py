@@ -15,24 +15,24 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tensordict import TensorDict
 from torch._dynamo.utils import counters
 
 from esper import rng
 from esper.kasmina.blueprints import get_blueprints
-from esper.kasmina.gates import GateConfig, evaluate_gates
+from esper.kasmina.gates import GateConfig
 from esper.kasmina.hosts import host_spec
-from esper.kasmina.model import Architecture, Plans, forward_eval
+from esper.kasmina.model import Architecture, Plans
+from esper.kasmina.scoring import Scoring, score_val_batch
+from esper.kasmina.seed_ops import SeedOps
 from esper.kasmina.slots import Lifecycle
-from esper.kasmina.state import as_dicts, init_seeds, init_state, where_envs
+from esper.kasmina.state import as_dicts, init_state
 from esper.kasmina.step import StepHyper, train_step
 from esper.leyline import (
     CANONICAL_SLOTS,
     COMPUTING_STAGES,
     AlphaSchedule,
     GateId,
-    Op,
     SeedStage,
     ordered_slots,
     stage_mask,
@@ -43,24 +43,6 @@ from esper.tasks import EnvBatchSampler, TaskData
 S = SeedStage
 TRAIN_CAPTURE = frozenset({"grads", "activations"})
 CAPTURES = TRAIN_CAPTURE | {"logits"}
-
-
-def score_val_batch(
-    arch: Architecture, params: dict, buffers: dict, seeds: dict, ctrl: dict, x: torch.Tensor,
-    y: torch.Tensor, plans: Plans | None, num_classes: int, loss_rows: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One validation batch: correct targets per row ``[1 + S, N]`` (row 0 the actual model,
-    row ``1 + k`` without slot ``k``'s seed), the summed loss of the first ``loss_rows`` rows
-    ``[loss_rows, N]`` (1: the actual model; ``1 + S`` when contribution is loss-based) and the
-    actual model's logits ``[N, targets, K]``. One function, so a compiled run compiles it as
-    one graph."""
-    logits = forward_eval(arch, params, buffers, seeds, ctrl, x, plans)
-    correct = (logits.argmax(dim=-1) == y).flatten(2).sum(dim=-1)
-    n = logits.shape[1]
-    scored = logits[:loss_rows]
-    loss = F.cross_entropy(scored.reshape(-1, num_classes), y.reshape(-1).repeat(loss_rows * n),
-                           reduction="none").view(loss_rows, n, -1).sum(-1)
-    return correct, loss, logits[0].reshape(n, -1, num_classes)
 
 
 @dataclass
@@ -85,8 +67,11 @@ class KasminaConfig:
     contribution: str = "accuracy"
 
 
-class MorphogeneticBatch:
-    """N envs, each a host with seed slots, as stacked tensors with one compiled step."""
+class MorphogeneticBatch(SeedOps, Scoring):
+    """N envs, each a host with seed slots, as stacked tensors with one compiled step.
+
+    The lifecycle actions and state queries are :class:`~esper.kasmina.seed_ops.SeedOps`, the
+    validation and test passes :class:`~esper.kasmina.scoring.Scoring`."""
 
     def __init__(self, task: TaskData, n_envs: int, cfg: KasminaConfig, base_seed: int = 0,
                  env_offset: int = 0) -> None:
@@ -255,94 +240,6 @@ class MorphogeneticBatch:
                 plans[slot][bp.name] = (envs, valid)
         return plans
 
-    def reinit_germinated(self, germinated: np.ndarray, blueprint: np.ndarray) -> None:
-        """Re-initialize the seeds germinated this epoch, from its host snapshot.
-
-        ``germinated`` and ``blueprint`` ``[N, S]`` are the snapshot's: only the (slot,
-        blueprint) pairs that germinated are initialized, and nothing at all in an epoch
-        without a germination. Call it after every epoch's transfer (the pipeline does), or
-        the next epoch re-initializes every blueprint of every slot, masked.
-        """
-        self._reinit_listed(germinated, blueprint)
-
-    def _reinit_listed(self, germinated: np.ndarray, blueprint: np.ndarray | None = None) -> None:
-        """Fresh parameters and momentum for the pending germinations a host snapshot lists.
-
-        The host picks which (slot, blueprint) pairs to make (every blueprint of the slot when
-        ``blueprint`` is not given); the device's pending mask picks the envs, so no index list
-        is copied to the device. Germinations the snapshot does not list are dropped: it must
-        be the snapshot of the epoch that made them.
-        """
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        for k, slot in enumerate(self.arch.slots):
-            listed = np.asarray(germinated[:, k], dtype=bool)
-            if not listed.any():
-                continue
-            if blueprint is None:
-                self._reinit_seeds(slot, pending[:, k])
-                continue
-            current = self.state["slots", slot, "blueprint"]
-            for b in np.unique(blueprint[listed, k]).tolist():
-                self._reinit_seeds(slot, pending[:, k] & (current == b), (b,))
-
-    def reset_envs(self, mask: torch.Tensor) -> None:
-        """Fresh hosts (new per-env keys) for envs in ``mask``; the others continue untouched."""
-        self.episode = self.episode + mask.long()
-        self.epoch = torch.where(mask, torch.zeros_like(self.epoch), self.epoch)
-        self.keys = self._env_keys()
-        fresh = init_state(self.arch, self.keys, self.sample_shape, self.num_classes, self._adam)
-        where_envs(mask, fresh, self.state)
-        where_envs(mask, self._initial_signals(), self.last)
-
-    # ----------------------------------------------------------------------------- actions
-    def apply_actions(self, actions: TensorDict) -> dict[str, torch.Tensor]:
-        """Lifecycle ops requested by the controller: ``op, slot, blueprint, tempo`` ``[N]``.
-
-        Returns ``accepted [N]`` (WAIT always succeeds) and per-slot ``germinated [N, S]``.
-        """
-        op, slot_idx = actions["op"], actions["slot"]
-        accepted = op == Op.WAIT
-        germinated = []
-        gates = self.last["gate_pass"]
-        for k, slot in enumerate(self.arch.slots):
-            st = self.state["slots", slot]
-            here = slot_idx == k
-            g = self.lifecycle.germinate(
-                st, (op == Op.GERMINATE) & here, actions["blueprint"], actions["tempo"],
-                len(self.arch.blueprints), self.last["val_acc"],
-            )
-            a = self.lifecycle.advance(st, (op == Op.ADVANCE) & here, gates[:, k])
-            f = self.lifecycle.fossilize(st, (op == Op.FOSSILIZE) & here, gates[:, k, GateId.G5_FOSSILIZE])
-            c = self.lifecycle.cull(st, (op == Op.CULL) & here)
-            accepted = accepted | g | a | f | c
-            germinated.append(g)
-        fresh = torch.stack(germinated, dim=1)
-        # A germinated seed first computes next epoch (GERMINATED trains nothing), so its
-        # fresh parameters wait for the epoch's host snapshot, which names the germinations
-        # (reinit_germinated, or set_plan); without a snapshot the next epoch re-initializes
-        # them masked. Deciding here would need the device's mask on the host: a sync.
-        self._pending = fresh if self._pending is None else self._pending | fresh
-        return {"accepted": accepted, "germinated": fresh}
-
-    def _reinit_pending(self) -> None:
-        """Masked re-initialization (every blueprint, all envs) of the pending germinations:
-        the fallback when no host snapshot says which ones there are."""
-        mask, self._pending = self._pending, None
-        if mask is None:
-            return
-        for k, slot in enumerate(self.arch.slots):
-            self._reinit_seeds(slot, mask[:, k])
-
-    def _reinit_seeds(self, slot: str, mask: torch.Tensor, only: tuple[int, ...] | None = None) -> None:
-        """Fresh parameters, zero momentum for envs in ``mask`` (blueprints ``only``, or all)."""
-        fresh = init_seeds(self.arch, self.keys, slot, self.state["slots", slot, "germinations"], only)
-        where_envs(mask, fresh, self.state["seeds", slot])
-        where_envs(mask, fresh.apply(torch.zeros_like), self.state["seed_mom", slot])
-        if self._adam:
-            where_envs(mask, fresh.apply(torch.zeros_like), self.state["seed_sq", slot])
-
     # ----------------------------------------------------------------------------- epoch
     def host_lr(self) -> torch.Tensor:
         """Per-env host learning rate ``[N]``: cosine decay over ``lr_horizon`` epochs of each
@@ -419,71 +316,6 @@ class MorphogeneticBatch:
             age = (self.state["slots", slot, "seed_age"] - 1).clamp(min=0)
             out[slot] = {**ctrl[slot], "t": (age * steps + (i + 1)).float()}
         return out
-
-    @torch.no_grad()
-    def validate(self, keep_logits: bool = False) -> dict[str, torch.Tensor]:
-        """Loss, accuracy and per-slot counterfactual accuracy, per env.
-
-        With ``keep_logits`` the actual model's validation logits ``[N, V, K]`` are returned as
-        ``val_logits`` (per-class telemetry reads them with ``task.val_y``; for sequences ``V``
-        counts tokens and the labels are ``task.val_y`` flattened). Accuracy and loss are per
-        target: per image, or per token (next-token accuracy, mean cross-entropy).
-        """
-        st = as_dicts(self.state)
-        ctrl = self.controls()
-        correct = torch.zeros(1 + len(self.arch.slots), self.n, device=self.device)
-        # Counterfactual rows' losses only where the contribution reads them.
-        loss_rows = 1 + len(self.arch.slots) if self.cfg.contribution == "loss" else 1
-        loss = torch.zeros(loss_rows, self.n, device=self.device)
-        kept: list[torch.Tensor] = []
-        # Compiled, the training step's plan (every group present, sizes dynamic: one graph);
-        # eager, the exact groups.
-        plans = (self._plans if self._plans is not None else self._group_plan(None)) if self.cfg.compile \
-            else self._eval_plans
-        for x, y in self.sampler.val_batches(self.cfg.val_batch_size):
-            graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
-            c, l_sum, actual = self._score_val(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x, y,
-                                               plans, self.num_classes, loss_rows)
-            if counters["stats"]["unique_graphs"] != graphs:
-                self.compile_graphs += counters["stats"]["unique_graphs"] - graphs
-                self.compile_seconds += time.perf_counter() - t0
-            correct += c
-            loss += l_sum
-            if keep_logits:
-                kept.append(actual)
-        total = self.task.val_y.numel()  # images, or tokens
-        acc = 100.0 * correct / total
-        out = {
-            "val_loss": loss[0] / total,
-            "val_acc": acc[0],
-            "val_acc_without": acc[1:].T.contiguous(),  # [N, S]
-        }
-        if loss_rows > 1:
-            out["val_loss_without"] = (loss[1:] / total).T.contiguous()  # [N, S]
-        if keep_logits:
-            out["val_logits"] = torch.cat(kept, dim=1)
-        return out
-
-    @torch.no_grad()
-    def test(self) -> dict[str, torch.Tensor]:
-        """Loss and accuracy ``[N]`` of every env's current model on the held-out test split.
-
-        No counterfactuals: only reported scores read this, never a decision, so it runs when
-        an episode ends (``run_epoch(test=True)``; the caller knows when from its snapshot).
-        """
-        st = as_dicts(self.state)
-        ctrl = self.controls()
-        k_cls = self.num_classes
-        correct = torch.zeros(self.n, device=self.device)
-        loss = torch.zeros(self.n, device=self.device)
-        for x, y in self.sampler.val_batches(self.cfg.val_batch_size, split="test"):
-            logits = forward_eval(self.arch, st["host"], st["buffers"], st["seeds"], ctrl, x,
-                                  self._eval_plans, counterfactuals=False)[0]
-            correct += (logits.argmax(dim=-1) == y).reshape(self.n, -1).sum(dim=-1)
-            loss += F.cross_entropy(logits.reshape(-1, k_cls), y.reshape(-1).repeat(self.n),
-                                    reduction="none").view(self.n, -1).sum(1)
-        total = self.task.test_y.numel()
-        return {"test_loss": loss / total, "test_acc": 100.0 * correct / total}
 
     def run_epoch(
         self, actions: TensorDict, capture: frozenset[str] = frozenset(), test: bool = False
@@ -563,32 +395,3 @@ class MorphogeneticBatch:
         out = signals.copy()  # the captures go to the caller, not into ``self.last``
         out["captured"] = TensorDict(captured, batch_size=[self.n])
         return out
-
-    # ----------------------------------------------------------------------------- queries
-    def gates(self, val_acc: torch.Tensor, seed_grad_norm: torch.Tensor, host_grad_norm: torch.Tensor):
-        return evaluate_gates(
-            self.cfg.gates,
-            stage=self._stacked("stage"),
-            epochs_in_stage=self._stacked("epochs_in_stage"),
-            alpha=self._stacked("alpha"),
-            seed_grad_norm=seed_grad_norm,
-            host_grad_norm=host_grad_norm.unsqueeze(1).expand_as(seed_grad_norm),
-            contribution=self._stacked("contribution"),
-            acc_gain=val_acc.unsqueeze(1) - self._stacked("acc_at_germination"),
-        )
-
-    def _stacked(self, key: str) -> torch.Tensor:
-        return torch.stack([self.state["slots", s, key] for s in self.arch.slots], dim=1)
-
-    def _present(self) -> torch.Tensor:
-        stage = self._stacked("stage")
-        return self.lifecycle.live[stage] | (stage == S.FOSSILIZED)
-
-    def params_added(self) -> torch.Tensor:
-        """Parameters of live and fossilized seeds per env ``[N]``."""
-        per_slot = self._param_table.gather(1, self._stacked("blueprint").T).T  # [N, S]
-        return (per_slot * self._present()).sum(dim=1)
-
-    def flops_added(self) -> torch.Tensor:
-        per_slot = self._flop_table.gather(1, self._stacked("blueprint").T).T
-        return (per_slot * self._present()).sum(dim=1)

@@ -11,6 +11,7 @@ from esper.kasmina import layers
 from esper.kasmina.blueprints import Blueprint
 from esper.kasmina.hosts import HostSpec
 from esper.kasmina.transformer import TransformerSpec
+from esper.leyline import CANONICAL_SLOTS
 
 Tensors = dict[str, torch.Tensor]
 SeedParams = dict[str, dict[str, Tensors]]  # slot -> blueprint -> name -> [N, ...]
@@ -31,8 +32,6 @@ class Architecture:
     n_envs: int
 
     def slots_after_block(self, i: int) -> list[str]:
-        from esper.leyline import CANONICAL_SLOTS
-
         return [s for s in self.slots if self.spec.slot_after[CANONICAL_SLOTS.index(s)] == i]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -31,12 +31,12 @@ class TelemetryEvent:
     payload: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind.value,
-            "env": self.env,
-            "epoch": self.epoch,
-            "payload": dict(self.payload),
-        }
+        """The event as plain data, one key per field in declaration order (a subclass's fields
+        after the base's): the kind by value, the payload a shallow copy."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["kind"] = self.kind.value
+        out["payload"] = dict(self.payload)
+        return out
 
 
 @dataclass(slots=True)
@@ -48,18 +48,6 @@ class LifecycleEvent(TelemetryEvent):
     from_stage: str = ""
     to_stage: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind.value,
-            "env": self.env,
-            "epoch": self.epoch,
-            "payload": dict(self.payload),
-            "slot": self.slot,
-            "blueprint": self.blueprint,
-            "from_stage": self.from_stage,
-            "to_stage": self.to_stage,
-        }
-
 
 @dataclass(slots=True)
 class DecisionEvent(TelemetryEvent):
@@ -69,17 +57,6 @@ class DecisionEvent(TelemetryEvent):
     accepted: bool = True
     reason: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind.value,
-            "env": self.env,
-            "epoch": self.epoch,
-            "payload": dict(self.payload),
-            "action": self.action,
-            "accepted": self.accepted,
-            "reason": self.reason,
-        }
-
 
 @dataclass(slots=True)
 class AnomalyEvent(TelemetryEvent):
@@ -88,17 +65,6 @@ class AnomalyEvent(TelemetryEvent):
     detector: str = ""
     severity: str = "warning"
     message: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind.value,
-            "env": self.env,
-            "epoch": self.epoch,
-            "payload": dict(self.payload),
-            "detector": self.detector,
-            "severity": self.severity,
-            "message": self.message,
-        }
 
 
 EVENT_TYPES: tuple[type[TelemetryEvent], ...] = (

@@ -17,6 +17,7 @@ from rich.console import Console
 from esper.leyline.events import AnomalyEvent, EventKind, TelemetryEvent
 from esper.nissa.anomaly import PPO_SCOPE
 from esper.nissa.hub import Backend
+from esper.nissa.scalars import finite_mean, flat_items
 
 BACKEND_NAMES: tuple[str, ...] = ("console", "jsonl", "tensorboard", "prometheus", "wandb")
 
@@ -64,11 +65,6 @@ ROUTINE = {
 }
 
 
-def _mean(arr: np.ndarray) -> float:
-    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
-    return float(finite.mean()) if finite.size else float("nan")
-
-
 class ConsoleBackend:
     """Human-readable lines via rich.
 
@@ -96,7 +92,7 @@ class ConsoleBackend:
             if arr.dtype.kind not in "biuf":
                 continue
             if index is None and arr.ndim == 1:
-                parts.append(f"{key} {_mean(arr.astype(np.float64)):.4g}")
+                parts.append(f"{key} {finite_mean(arr.astype(np.float64)):.4g}")
             elif index is None and arr.ndim == 0:
                 parts.append(f"{key} {float(arr):.4g}")
             elif index is not None and arr.ndim == 1 and index < arr.shape[0]:
@@ -242,7 +238,7 @@ class TensorBoardBackend:
             self.writer.add_text("anomaly", json.dumps(to_jsonable(event.to_dict())), step)
             return
         prefix = "" if event.kind is EventKind.EPOCH else f"{event.kind.value}/"
-        for key, value in _flat_items(event.payload):
+        for key, value in flat_items(event.payload):
             arr = np.asarray(value)
             if arr.dtype.kind not in "biuf" or arr.size == 0:
                 continue
@@ -251,7 +247,7 @@ class TensorBoardBackend:
             if arr.ndim == 0:
                 self.writer.add_scalar(tag, float(arr), step)
             elif arr.ndim == 1 and event.kind is EventKind.EPOCH:
-                self.writer.add_scalar(f"{tag}/mean", _mean(arr), step)
+                self.writer.add_scalar(f"{tag}/mean", finite_mean(arr), step)
                 for i in range(min(arr.shape[0], self.max_env_scalars)):
                     self.writer.add_scalar(f"{tag}/env{i}", float(arr[i]), step)
             else:
@@ -264,18 +260,6 @@ class TensorBoardBackend:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def _flat_items(payload: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """``{"entropy": {"op": 0.2}}`` -> ``[("entropy/op", 0.2)]``: nested dicts (per-head
-    entropy, reward components) become one scalar tag per leaf instead of being dropped."""
-    out: list[tuple[str, object]] = []
-    for key, value in payload.items():
-        if isinstance(value, dict):
-            out += _flat_items(value, f"{prefix}{key}/")
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out
 
 
 def make_backends(

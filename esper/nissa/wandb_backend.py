@@ -19,16 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from esper.leyline.events import EventKind, TelemetryEvent
+from esper.nissa.scalars import finite_mean, flat_items
 
 DEFAULT_MODE = "offline"
 
 
 def _scalars(event: TelemetryEvent) -> dict[str, float]:
-    from esper.nissa.backends import _flat_items, _mean
-
     prefix = "" if event.kind is EventKind.EPOCH else f"{event.kind.value}/"
     out: dict[str, float] = {}
-    for key, value in _flat_items(event.payload):
+    for key, value in flat_items(event.payload):
         arr = np.asarray(value)
         if arr.dtype.kind not in "biuf" or arr.size == 0:
             continue
@@ -36,7 +35,7 @@ def _scalars(event: TelemetryEvent) -> dict[str, float]:
         if arr.ndim == 0:
             out[f"{prefix}{key}"] = float(arr)
         elif arr.ndim == 1 and event.kind is EventKind.EPOCH:
-            out[f"{prefix}{key}/mean"] = _mean(arr)
+            out[f"{prefix}{key}/mean"] = finite_mean(arr)
     return out
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from esper.report.build import DRAW_ENVS, REPORT, TIMELINE_ROWS, Report, check_run_dir, write_report
 from esper.report.live import live
 from esper.report.watch import watch
-from esper.simic.preflight import UsageError, add_debug_arg, check_file_target, run_cli
+from esper.simic.errors import UsageError
+from esper.simic.preflight import add_debug_arg, check_file_target, run_cli
 
 
 def parser() -> argparse.ArgumentParser:

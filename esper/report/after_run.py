@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from esper.report.telemetry import REPORT
-from esper.simic.preflight import UsageError, check_file_target
+from esper.simic.errors import ConfigError, UsageError
+from esper.simic.preflight import check_file_target
 
 
 def report_target(args: argparse.Namespace) -> Path | None:
@@ -17,7 +18,6 @@ def report_target(args: argparse.Namespace) -> Path | None:
     if not getattr(args, "report", False):
         return None
     from esper.simic.cli import build_config
-    from esper.simic.config import ConfigError
 
     try:
         cfg = build_config(args)

@@ -20,7 +20,7 @@ from esper.report.run import RunData
 from esper.report.section import Section
 from esper.report.telemetry import REPORT, TELEMETRY, TelemetryReader, telemetry_files
 from esper.report.timeline import timeline_section
-from esper.simic.preflight import UsageError
+from esper.simic.errors import UsageError
 
 DRAW_ENVS = 8  # envs drawn in full (all of them in a run with no more)
 TIMELINE_ROWS = 48  # env x slot rows at most

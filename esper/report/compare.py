@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from esper.atomic import atomic_write
-from esper.simic.preflight import UsageError
+from esper.simic.errors import UsageError
 
 FORMATS = (".png", ".svg", ".pdf")
 PANELS = (("test_acc", "test accuracy (%)"), ("params_added", "parameters added"))

@@ -1,4 +1,5 @@
-"""The training configuration: one validated pydantic tree, presets, JSON/YAML loading."""
+"""The training configuration: one validated pydantic tree, JSON/YAML loading, the presets
+(:mod:`esper.simic.presets`) by name. The task section is :mod:`esper.simic.task_config`."""
 
 from __future__ import annotations
 
@@ -8,131 +9,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from esper.kasmina.blueprints import BLUEPRINTS, family_blueprints
 from esper.kasmina.gates import GateConfig
+from esper.kasmina.hosts import HOST_PRESETS
 from esper.leyline import CANONICAL_SLOTS
 from esper.nissa.config import yaml_problem
+from esper.simic.errors import ConfigError
+from esper.simic.presets import PRESETS
+from esper.simic.task_config import Strict, TaskConfig
 from esper.tamiyo.config import FeatureConfig, FixedScheduleConfig, HeuristicConfig
 
 
-class ConfigError(ValueError):
-    """A configuration file, preset or value is invalid; the message names the field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-# Which task fields mean something for which task: a field set for a task it does nothing for
-# is refused by name (a flag that does nothing is a trap, not a default).
-_TASK_FIELDS: dict[str, frozenset[str]] = {
-    "image_size": frozenset({"synthetic"}),
-    "num_classes": frozenset({"synthetic"}),
-    "seq_len": frozenset({"grammar", "tinystories", "text"}),
-    "seed": frozenset({"synthetic", "grammar", "images", "text"}),
-    "data_dir": frozenset({"cifar10", "tinystories", "images", "text"}),
-    "download": frozenset({"cifar10"}),
-    "val_fraction": frozenset({"images", "text"}),
-    "test_fraction": frozenset({"images", "text"}),
-    "crop": frozenset({"images", "cifar10"}),
-    "flip": frozenset({"images", "cifar10"}),
-    "pattern": frozenset({"text"}),
-}
-USER_DATA_TASKS: frozenset[str] = frozenset({"images", "text"})
-
-
-class TaskConfig(_Strict):
-    """Which dataset, and how much of it.
-
-    ``images`` and ``text`` read a user's own data from ``data_dir`` (a folder or a file; see
-    :mod:`esper.tasks.images` and :mod:`esper.tasks.text`). Their split sizes default to all of
-    each split, and splits the data lacks are carved by ``seed`` at the given fractions.
-    """
-
-    name: Literal["synthetic", "cifar10", "grammar", "tinystories", "images", "text"] = "synthetic"
-    train_size: int | None = Field(2048, ge=1, description="samples: images, or token windows")
-    val_size: int | None = Field(512, ge=1)
-    test_size: int | None = Field(1024, ge=1, description="held-out samples results are reported on")
-    image_size: int = Field(16, ge=5, description="synthetic only")
-    num_classes: int = Field(10, ge=2, description="synthetic only")
-    seq_len: int = Field(64, ge=2, description="grammar/tinystories/text: tokens per sample (window)")
-    seed: int = Field(0, ge=0, description="synthetic/grammar data seed (a grammar seed is a different task); "
-                                           "images/text: the seed of the split carving")
-    data_dir: str = Field("data", description="cifar10/tinystories: their folder; images: an ImageFolder tree "
-                                              "or an .npz/.pt file; text: a folder of text files or one file")
-    download: bool = False
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="images/text without their own val split")
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="images/text without their own test split")
-    crop: bool = Field(True, description="images/cifar10: random crop of training images (zero padding H/8)")
-    flip: bool = Field(False, description="images/cifar10: random horizontal flip (off: it changes digits and text)")
-    pattern: str = Field("*.txt", min_length=1, description="text: which files of the folder to read")
-
-    def check_fields(self) -> TaskConfig:
-        """Refuse a field changed for a task it does nothing for. Run on the merged config
-        (``TrainingConfig.check_host``): a config file may set fields for the preset's task.
-        """
-        # A value somebody changed from its default, for a task it does nothing for (a full
-        # config dump, as checkpoints store, sets every field at its default: not refused).
-        fields = type(self).model_fields
-        wrong = sorted(k for k in self.model_fields_set if k in _TASK_FIELDS and self.name not in _TASK_FIELDS[k]
-                       and getattr(self, k) != fields[k].default)
-        if wrong:
-            uses = "; ".join(f"{k}: {sorted(_TASK_FIELDS[k])}" for k in wrong)
-            raise ConfigError(f"task.{wrong[0]} has no effect for task {self.name!r} (used by {uses}); "
-                              "drop it")
-        if self.name in USER_DATA_TASKS and self.val_fraction + self.test_fraction >= 1.0:
-            raise ConfigError(f"val_fraction + test_fraction ({self.val_fraction} + {self.test_fraction}) "
-                             "must be below 1: the rest trains")
-        return self
-
-    @property
-    def family(self) -> str:
-        """The host family the task needs: ``lm`` for token sequences, ``cnn`` for images."""
-        return "lm" if self.name in ("grammar", "tinystories", "text") else "cnn"
-
-    def loader_kwargs(self) -> dict[str, Any]:
-        sizes = {k: getattr(self, k) for k in ("train_size", "val_size", "test_size")}
-        if self.name in USER_DATA_TASKS:
-            # Sizes default to all of each split; the seed is passed only when somebody set it
-            # (the loader refuses one that would do nothing).
-            kw: dict[str, Any] = {"path": self.data_dir, "val_fraction": self.val_fraction,
-                                  "test_fraction": self.test_fraction,
-                                  **{k: (v if k in self.model_fields_set else None) for k, v in sizes.items()}}
-            if "seed" in self.model_fields_set and self.seed != 0:  # 0: the default carving
-                kw["seed"] = self.seed
-            if self.name == "text":
-                return {**kw, "pattern": self.pattern, "seq_len": self.seq_len}
-            return {**kw, "crop": self.crop, "flip": self.flip}
-        if self.name == "grammar":
-            return {"seed": self.seed, "seq_len": self.seq_len, **{k: v for k, v in sizes.items() if v is not None}}
-        if self.name == "tinystories":
-            return {"root": self.data_dir, "seq_len": self.seq_len, **sizes}
-        if self.name == "synthetic":
-            kw = {
-                "num_classes": self.num_classes,
-                "image_size": self.image_size,
-                "seed": self.seed,
-            }
-            if self.train_size is not None:
-                kw["train_size"] = self.train_size
-            if self.val_size is not None:
-                kw["val_size"] = self.val_size
-            if self.test_size is not None:
-                kw["test_size"] = self.test_size
-            return kw
-        return {
-            "root": self.data_dir,
-            "download": self.download,
-            "train_size": self.train_size,
-            "val_size": self.val_size,
-            "test_size": self.test_size,
-            "crop": self.crop,
-            "flip": self.flip,
-        }
-
-
-class KasminaSection(_Strict):
+class KasminaSection(Strict):
     """The batched hosts: architecture, blueprint set, optimizer, gates."""
 
     host: str = "shallow"
@@ -165,9 +55,6 @@ class KasminaSection(_Strict):
         bad = [s for s in self.slots if s not in CANONICAL_SLOTS]
         if bad or not self.slots:
             raise ValueError(f"slots must be a non-empty subset of {list(CANONICAL_SLOTS)}, got {bad}")
-        from esper.kasmina.blueprints import BLUEPRINTS, family_blueprints
-        from esper.kasmina.hosts import HOST_PRESETS
-
         if self.host not in HOST_PRESETS:
             raise ValueError(f"unknown host {self.host!r}; allowed: {sorted(HOST_PRESETS)}")
         if self.blueprints is not None:
@@ -182,7 +69,7 @@ class KasminaSection(_Strict):
         return self
 
 
-class EpisodeConfig(_Strict):
+class EpisodeConfig(Strict):
     """How long an episode is (one step = one host epoch) and how many envs run at once."""
 
     length: int = Field(30, ge=1)
@@ -194,7 +81,7 @@ class EpisodeConfig(_Strict):
 REWARD_MODES = ("shaped", "simplified", "sparse")
 
 
-class RewardConfig(_Strict):
+class RewardConfig(Strict):
     """The reward family and its components' weights (accuracies enter as fractions).
 
     ``mode``: ``shaped`` pays every component; ``simplified`` only the potential-based shaping,
@@ -214,8 +101,8 @@ class RewardConfig(_Strict):
     terminal: float = Field(1.0, ge=0.0, description="times final val accuracy (fraction)")
 
 
-class PPOConfig(_Strict):
-    """Settings of the LSTM-PPO learner (consumed by simic.ppo)."""
+class PPOConfig(Strict):
+    """Settings of the LSTM-PPO learner (consumed by simic.ppo_round)."""
 
     lr: float = Field(3e-4, gt=0.0)
     gamma: float = Field(0.99, gt=0.0, le=1.0, description="the one discount: PPO's and reward shaping's")
@@ -246,7 +133,7 @@ class PPOConfig(_Strict):
         return self
 
 
-class TelemetrySection(_Strict):
+class TelemetrySection(Strict):
     """Which Nissa profile, where events go, and profile overrides (``key=value``)."""
 
     profile: str = "minimal"
@@ -258,7 +145,7 @@ class TelemetrySection(_Strict):
                                  description="local port of the prometheus backend's /metrics (0: any free one)")
 
 
-class FaultsConfig(_Strict):
+class FaultsConfig(Strict):
     """Fault drills: failures injected on purpose, where they would really happen, to rehearse
     that a run survives them (and to test that it does). Off by default; an empty section costs
     nothing. See :mod:`esper.simic.faults`."""
@@ -286,7 +173,7 @@ class FaultsConfig(_Strict):
         return [k for k in ("checkpoint_fail_rounds", "policy_nan_at_round") if getattr(self, k)]
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(Strict):
     """Everything a training or evaluation run needs."""
 
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -318,8 +205,6 @@ class TrainingConfig(_Strict):
 
         Not a field validator: a config file may set the host and leave the task to the preset
         it is applied over, so this runs on the merged config (``simic.cli.build_config``)."""
-        from esper.kasmina.hosts import HOST_PRESETS
-
         self.task.check_fields()
         need = self.task.family
         if HOST_PRESETS[self.kasmina.host].family != need:
@@ -439,111 +324,3 @@ def _format(err: ValidationError) -> str:
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
-
-
-# Shared by the language-model presets (lm, tinystories): quick gates, a heuristic that grows
-# every seed as early as it may, and PPO entropy at half the default (seed 002's TinyStories row).
-_LM_GATES = {"min_training_epochs": 1, "shadow_epochs": 0, "min_probation_epochs": 0}
-_LM_HEURISTIC = {"warmup_epochs": 1, "plateau_epochs": 1, "plateau_delta": 100.0, "max_seeds": 3,
-                 "wait_for": "nothing", "drop_threshold": 3.0, "probation_patience": 2, "fossilize_threshold": 0.0}
-_LM_ENTROPY = {"op": 0.005, "slot": 0.0025, "blueprint": 0.0025, "tempo": 0.001}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {},
-    # The setting the learned controller trains on (``python -m esper.train``): the cheapest
-    # episode found where growth clearly pays (bench/preset_search/LOG.md). 12x12 images, 1024
-    # training images, 20-epoch episodes; growth pays only if it starts early here, so the
-    # heuristic's thresholds were tuned on task seed 0 to germinate from epoch 2.
-    "ppo": {
-        "task": {"train_size": 1024, "val_size": 256, "image_size": 12, "num_classes": 10},
-        "kasmina": {"batch_size": 32, "val_batch_size": 256, "host_lr": 0.1, "seed_lr": 0.1,
-                    "blueprints": ["conv_light", "conv_heavy", "depthwise", "bottleneck"],
-                    "gates": {"min_training_epochs": 1, "shadow_epochs": 0, "min_probation_epochs": 0}},
-        "episode": {"length": 20, "envs": 16},
-        "heuristic": {"warmup_epochs": 1, "plateau_epochs": 1, "plateau_delta": 100.0, "max_seeds": 3,
-                      "drop_threshold": 8.0, "probation_patience": 2},
-        "fixed": {"epochs": [1, 4, 7]},
-        # Rent 0.04 (not 0.02): at 0.02 the controller added 3 x conv_light, more parameters
-        # than the heuristic; at 0.04 it adds fewer and stays as accurate (README, Results).
-        "reward": {"rent": 0.04},
-        "ppo": {"lr": 5e-4, "gamma": 0.99, "gae_lambda": 0.95, "epochs": 4, "minibatch_envs": 4,
-                "hidden_size": 64, "lstm_hidden_size": 64, "rounds": 3},
-    },
-    # Language modelling on the embedded grammar corpus (no files): a one-block transformer
-    # grown with MLP blocks, attention heads and LoRA attention. AdamW, not SGD: SGD left
-    # transformer hosts far behind and unstable (README, language-model hosts). Entropy and
-    # plateau settings follow the reference's TinyStories row (seed 002): entropy half the
-    # default, plateau threshold 0.3 instead of 0.5.
-    # Chosen on task seed 1 (4 envs, host seed 7; README): 30-epoch episodes (static keeps
-    # improving too), every seed germinated as early as it may ("nothing" to wait for), and seeds
-    # at half the host's learning rate (test perplexity ratio grown/static 0.98 at 2x the host's
-    # rate, 0.92 at 1x, 0.88 at 0.5x and at 0.25x).
-    "lm": {
-        "task": {"name": "grammar", "seq_len": 64, "train_size": 2048, "val_size": 256, "test_size": 1024},
-        "kasmina": {"host": "lm_small", "batch_size": 32, "val_batch_size": 256, "optimizer": "adamw",
-                    "host_lr": 0.003, "seed_lr": 0.0015, "weight_decay": 0.01,
-                    "gates": _LM_GATES},
-        "episode": {"length": 30, "envs": 8},
-        "heuristic": _LM_HEURISTIC,
-        "fixed": {"blueprint": "block", "epochs": [1, 4, 7]},
-        "features": {"plateau_delta": 0.3},
-        "ppo": {"entropy_coef": _LM_ENTROPY,
-                "hidden_size": 64, "lstm_hidden_size": 64, "rounds": 3},
-    },
-    # TinyStories (a local copy: task.data_dir names the file or its folder; nothing is
-    # downloaded), byte-level, 128-byte windows.
-    "tinystories": {
-        # 16k windows (2 MB of text) per epoch: the whole 1.9 GB training file is too much for an
-        # episode of epochs; set task.train_size null for all of it.
-        "task": {"name": "tinystories", "seq_len": 128, "train_size": 16384, "val_size": 512, "test_size": 512},
-        "kasmina": {"host": "lm_base", "batch_size": 32, "val_batch_size": 128, "optimizer": "adamw",
-                    "host_lr": 0.002, "seed_lr": 0.001, "weight_decay": 0.01,
-                    "gates": _LM_GATES},
-        "episode": {"length": 10, "envs": 8},
-        "heuristic": _LM_HEURISTIC,
-        "fixed": {"blueprint": "block", "epochs": [1, 3, 5]},
-        "features": {"plateau_delta": 0.3},
-        "ppo": {"entropy_coef": _LM_ENTROPY},
-    },
-    # A user's own images (task.data_dir: an ImageFolder tree or an .npz/.pt file; see README,
-    # "Bring your own data"). A 3-block host (16-32-64 channels) at SGD lr 0.05 with cosine decay
-    # trains stably on data it has never seen; the `ppo` preset's early-growth heuristic and
-    # blueprints (what the shipped controller knows). Crop on, flip off (a flip changes digits
-    # and text). Change first: episode.length (longer for larger data), kasmina.host_lr.
-    "images": {
-        "task": {"name": "images"},
-        "kasmina": {"host": "baseline", "batch_size": 32, "val_batch_size": 256, "host_lr": 0.05, "seed_lr": 0.05,
-                    "blueprints": ["conv_light", "conv_heavy", "depthwise", "bottleneck"],
-                    "gates": {"min_training_epochs": 1, "shadow_epochs": 0, "min_probation_epochs": 0}},
-        "episode": {"length": 20, "envs": 8},
-        "heuristic": {"warmup_epochs": 1, "plateau_epochs": 1, "plateau_delta": 100.0, "max_seeds": 3,
-                      "drop_threshold": 8.0, "probation_patience": 2},
-        "fixed": {"epochs": [1, 4, 7]},
-        "reward": {"rent": 0.04},
-        "ppo": {"lr": 5e-4, "epochs": 4, "minibatch_envs": 4, "hidden_size": 64, "lstm_hidden_size": 64},
-    },
-    # A user's own text (task.data_dir: a folder of files matching task.pattern, or one file),
-    # byte-level, 64-byte windows, on the `lm` preset's host and growth settings.
-    "text": {
-        "task": {"name": "text", "seq_len": 64},
-        "kasmina": {"host": "lm_small", "batch_size": 32, "val_batch_size": 256, "optimizer": "adamw",
-                    "host_lr": 0.003, "seed_lr": 0.0015, "weight_decay": 0.01, "gates": _LM_GATES},
-        "episode": {"length": 20, "envs": 8},
-        "heuristic": _LM_HEURISTIC,
-        "fixed": {"blueprint": "block", "epochs": [1, 4, 7]},
-        "features": {"plateau_delta": 0.3},
-        "ppo": {"entropy_coef": _LM_ENTROPY, "hidden_size": 64, "lstm_hidden_size": 64},
-    },
-    "cifar10": {
-        "task": {"name": "cifar10", "train_size": None, "val_size": 5000, "test_size": None, "flip": True},
-        "kasmina": {"host": "baseline", "batch_size": 128, "val_batch_size": 1000},
-        "episode": {"length": 25, "envs": 16},
-        "heuristic": {"warmup_epochs": 5, "plateau_epochs": 3},
-    },
-    "cifar10_deep": {
-        "task": {"name": "cifar10", "train_size": None, "val_size": 5000, "test_size": None, "flip": True},
-        "kasmina": {"host": "deep", "batch_size": 128, "val_batch_size": 1000},
-        "episode": {"length": 40, "envs": 16},
-        "heuristic": {"warmup_epochs": 8, "plateau_epochs": 3},
-    },
-}

@@ -24,6 +24,7 @@ from torchrl.modules import QValueActor
 from torchrl.objectives import DiscreteCQLLoss, ValueEstimators
 
 from esper.leyline import NUM_OPS
+from esper.simic.offline_losses import factored_log_prob
 from esper.tamiyo.lstm_policy import HEAD_KEYS, TamiyoModules
 
 MAX_WEIGHT = 100.0
@@ -45,7 +46,7 @@ def with_next_masks(td: TensorDictBase) -> TensorDictBase:
 class FactoredCQLLoss(DiscreteCQLLoss):
     """torchrl's discrete CQL over ``Q(s, op)`` with legal-op masking and a factored actor loss.
 
-    Input: the offline TensorDict (:func:`esper.simic.offline.prepare_episodes` then
+    Input: the offline TensorDict (:func:`esper.simic.offline_losses.prepare_episodes` then
     :func:`with_next_masks`). Output keys: ``loss_qvalue``, ``loss_cql`` (torchrl's) and
     ``loss_actor`` (this class's), each a scalar.
     """
@@ -76,8 +77,6 @@ class FactoredCQLLoss(DiscreteCQLLoss):
             return self.value_network(tensordict.select("observation", "op_mask").clone()).get("action_value")
 
     def actor_loss(self, tensordict: TensorDictBase) -> torch.Tensor:
-        from esper.simic.offline import factored_log_prob  # offline imports this module
-
         lp, dist = factored_log_prob(self.modules_ref[0], tensordict)
         legal, mask = tensordict.get("legal"), tensordict.get("op_mask")
         q = self.q_values(tensordict)

@@ -24,13 +24,10 @@ import torch
 import torch.distributed as dist
 
 from esper.device import resolve_device
+from esper.simic.errors import RankLost
 
 DEFAULT_TIMEOUT_S = 300.0
 T = TypeVar("T")
-
-
-class RankLost(RuntimeError):
-    """A collective failed or timed out: another rank died or stalled, the run cannot go on."""
 
 
 def launched() -> bool:

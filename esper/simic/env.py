@@ -37,6 +37,7 @@ from esper.leyline import (
 )
 from esper.nissa import NissaHub, TelemetryConfig, load_profile
 from esper.simic.config import TrainingConfig
+from esper.simic.errors import UsageError
 from esper.simic.faults import LossFaults
 from esper.simic.pipeline import EpochPipeline, reason_or_unknown
 from esper.simic.rewards import RewardComponents, ShapedReward
@@ -71,10 +72,8 @@ def kasmina_config(cfg: TrainingConfig) -> KasminaConfig:
 
 def load_config_task(cfg: TrainingConfig, device: torch.device | str | None = None) -> TaskData | SequenceTask:
     """The config's task on ``device``. Data that cannot supply what the config asks (too little
-    text for the windows, an unreadable file) is a :class:`~esper.simic.preflight.UsageError`
+    text for the windows, an unreadable file) is a :class:`~esper.simic.errors.UsageError`
     naming ``task``: one line from the command line, before any host is built."""
-    from esper.simic.preflight import UsageError
-
     try:
         return load_task(cfg.task.name, device=resolve_device(device or cfg.device), **cfg.task.loader_kwargs())
     except (ValueError, OSError) as err:

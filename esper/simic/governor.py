@@ -24,7 +24,6 @@ that collected the round.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,10 +32,8 @@ from tensordict import TensorDict, TensorDictBase
 from esper.leyline import EventKind, SeedStage
 from esper.leyline.events import AnomalyEvent
 from esper.nissa.materialize import materialize
+from esper.simic.env_view import EpochEnv
 from esper.tamiyo.masks import MASK_KEYS, action_masks
-
-if TYPE_CHECKING:
-    from esper.simic.env import MorphogeneticEnv
 
 LOSS_KEYS: tuple[str, ...] = ("signals.train_loss", "signals.val_loss")
 DETECTOR = "governor"
@@ -58,7 +55,7 @@ def _where_rows(mask: torch.Tensor, new: TensorDictBase, old: TensorDictBase) ->
 class Governor:
     """Per-env health judged from the host snapshot; sick envs rolled back on the device."""
 
-    def __init__(self, env: MorphogeneticEnv, max_loss: float = 1e4) -> None:
+    def __init__(self, env: EpochEnv, max_loss: float = 1e4) -> None:
         self.env = env
         self.max_loss = max_loss
         self.n = env.n

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from esper.simic.config import TrainingConfig
-from esper.simic.distributed import DEFAULT_TIMEOUT_S, RankLost, Ranks, backend_reason
-from esper.simic.preflight import StopSignals, UsageError
+from esper.simic.distributed import DEFAULT_TIMEOUT_S, Ranks, backend_reason
+from esper.simic.errors import RankLost, UsageError
+from esper.simic.preflight import StopSignals
 
 # What gloo/NCCL errors say when a peer is gone or silent (a RuntimeError raised by DDP's
 # backward, outside the collectives wrapped by Ranks).

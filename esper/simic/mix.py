@@ -24,8 +24,11 @@ from typing import Any
 import yaml
 
 from esper.nissa import NissaHub, TelemetryConfig
-from esper.simic.config import ConfigError, TrainingConfig
-from esper.simic.ppo import PPOTrainer, RoundStats
+from esper.simic.checkpoint import save_checkpoint
+from esper.simic.config import TrainingConfig
+from esper.simic.errors import ConfigError
+from esper.simic.ppo import PPOTrainer
+from esper.simic.ppo_round import RoundStats
 
 
 def read_mix(path: str | Path) -> list[dict[str, Any]]:
@@ -111,6 +114,4 @@ class MixedTrainer:
         return state
 
     def save(self, path: str | Path) -> Path:
-        from esper.simic.checkpoint import save_checkpoint
-
         return save_checkpoint(path, self.state())

@@ -47,6 +47,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from esper.leyline import HEADS, REASONS, SCHEMA_VERSION, TEMPOS, ObservationSchema, Op
+from esper.simic.errors import PackError, PackSchemaError
 from esper.simic.pack_meta import episode_entry, fill_observations, quick_stats
 
 PACK_FORMAT = "esper-episode-pack"
@@ -70,15 +71,6 @@ __all__ = [
 ]
 
 
-class PackError(ValueError):
-    """A pack is missing, unreadable, or not an Esper episode pack of a readable version."""
-
-
-class PackSchemaError(PackError):
-    """A pack's observation schema differs from the code's (the message names the fields)."""
-
-
-# ----------------------------------------------------------------------------- schema
 def _schema_dict(schema: ObservationSchema) -> dict[str, Any]:
     return {**schema.to_dict(), "size": schema.size}
 

@@ -38,13 +38,13 @@ from esper.nissa import NissaHub, TelemetryConfig, epoch_event, load_profile, ma
 from esper.nissa.decisions import Hindsight, decision_context
 from esper.nissa.narratives import reason_text
 from esper.nissa.profiling import phase
+from esper.simic.env_view import EpochEnv
 from esper.simic.episodes import EpisodeSummary, Track, outcome
 from esper.simic.governor import Governor
 from esper.simic.telemetry import EpochTelemetry
 
 if TYPE_CHECKING:
     from esper.leyline.events import AnomalyEvent
-    from esper.simic.env import MorphogeneticEnv
 
 S = SeedStage
 EpochCallback = Callable[[int, dict[str, np.ndarray]], None]
@@ -64,7 +64,7 @@ class SnapshotView(Protocol):
 class EpochPipeline:
     """The host half of every epoch of one env: captures, scoring, transfer, telemetry, plan."""
 
-    def __init__(self, env: MorphogeneticEnv, profile: TelemetryConfig | None = None,
+    def __init__(self, env: EpochEnv, profile: TelemetryConfig | None = None,
                  hub: NissaHub | None = None) -> None:
         self.env = env
         self.reasons: tuple[str, ...] = REASONS

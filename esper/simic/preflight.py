@@ -21,10 +21,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from esper.simic.distributed import RankLost
+from esper.simic.errors import (
+    EXIT_SIGNAL,
+    EXIT_USAGE,
+    CheckpointError,
+    ConfigError,
+    Interrupted,
+    RankLost,
+    UsageError,
+)
 
-EXIT_USAGE = 2
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Policies whose spec takes ``name=ARG`` (a checkpoint path or a seed / blueprint name).
 ARG_POLICIES: dict[str, str] = {
     "ppo": "ppo=CHECKPOINT", "ppo_sample": "ppo_sample=CHECKPOINT", "random": "random=SEED", "fixed": "fixed=BLUEPRINT",
@@ -32,28 +38,6 @@ ARG_POLICIES: dict[str, str] = {
 CHECKPOINT_POLICIES = ("ppo", "ppo_sample")
 
 
-class UsageError(Exception):
-    """An input refused before any work: ``what``, ``where``, ``allowed``."""
-
-    def __init__(self, what: str, where: str, allowed: str) -> None:
-        what = " ".join(what.split())  # one stderr line, whatever a library's message spans
-        self.what, self.where, self.allowed = what, where, allowed
-        super().__init__(f"error: {what} ({where}); {allowed}")
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; raised at the end of the epoch it arrived in."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        super().__init__(signal.Signals(signum).name)
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SIGNAL.get(signal.Signals(self.signum), 128 + self.signum)
-
-
-# ----------------------------------------------------------------------------- paths
 def _nearest_existing(p: Path) -> Path:
     parent = p.absolute()
     while not parent.exists():
@@ -197,7 +181,7 @@ def check_task_data(cfg: Any) -> None:
 def parse_policies(text: str | None, where: str = "--policies") -> list[tuple[str, str | None]]:
     """``name`` or ``name=ARG`` specs, each known, listed once, with an argument only where the
     policy takes one; ``ppo=PATH`` checkpoints are loaded (validated) now."""
-    from esper.simic.checkpoint import CheckpointError, load_checkpoint
+    from esper.simic.checkpoint import load_checkpoint, shipped_controller
     from esper.tamiyo.policies import POLICIES
 
     raw = [s.strip() for s in (text or "").split(",")]
@@ -219,8 +203,6 @@ def parse_policies(text: str | None, where: str = "--policies") -> list[tuple[st
             raise UsageError(f"random policy seed {arg!r} is not a non-negative integer", where,
                              "random or random=SEED (e.g. random=3)")
         if name in CHECKPOINT_POLICIES:
-            from esper.simic.ppo import shipped_controller
-
             if not arg and shipped_controller() is None:
                 raise UsageError(f"policy {name!r} needs a checkpoint: this install ships none", where,
                                  f"write {name}=PATH")
@@ -237,7 +219,6 @@ def check_config(args: argparse.Namespace, policies: Iterable[str] = (), trains_
     drills included; ``trains_ppo``: the run trains PPO, whose drills then apply)."""
     from esper.simic import faults
     from esper.simic.cli import build_config, telemetry_profile
-    from esper.simic.config import ConfigError
 
     if getattr(args, "backends", None) is not None:
         check_backends([b for b in args.backends.split(",")])
@@ -286,9 +267,7 @@ def check_fresh_checkpoint(save: Path, resume: Path | None, force: bool, resumab
 def check_resume(resume: Path, cfg: Any) -> dict[str, Any]:
     """The checkpoint loads, was trained with this run's env count and setting (before any env
     is built or telemetry written), and ``cfg.ppo.rounds`` leaves something to train."""
-    from esper.simic.checkpoint import CheckpointError, load_checkpoint
-    from esper.simic.config import ConfigError
-    from esper.simic.ppo import check_resumable
+    from esper.simic.checkpoint import check_resumable, load_checkpoint
 
     try:
         ckpt = load_checkpoint(resume)

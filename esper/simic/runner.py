@@ -2,7 +2,7 @@
 
 The epoch pipeline (one transfer, telemetry, test scoring, plan) lives in the env's step, so
 this is only the driver: one collector batch is one episode of every env. PPO collects through
-the same ``Collector`` over the same env (:mod:`esper.simic.ppo`).
+the same ``Collector`` over the same env (:mod:`esper.simic.ppo_round`).
 """
 
 from __future__ import annotations

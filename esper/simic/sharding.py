@@ -24,8 +24,9 @@ import torch
 
 from esper.leyline.events import AnomalyEvent
 from esper.simic.config import TrainingConfig
-from esper.simic.distributed import RankLost, Ranks
+from esper.simic.distributed import Ranks
 from esper.simic.env import MorphogeneticEnv, load_config_task
+from esper.simic.errors import RankLost
 from esper.tamiyo.features import RunningNorm
 
 

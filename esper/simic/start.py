@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esper.simic.checkpoint import CheckpointError, load_checkpoint
+from esper.simic.checkpoint import CheckpointError, load_checkpoint, shipped_controller
 from esper.simic.config import TrainingConfig
-from esper.simic.ppo import shipped_controller
 
 WIDTHS = ("hidden_size", "lstm_hidden_size")  # policy-shape fields set by the config alone
 

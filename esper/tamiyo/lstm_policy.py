@@ -40,6 +40,7 @@ from torchrl.envs import TensorDictPrimer
 from torchrl.modules import LSTMModule, MaskedCategorical, set_recurrent_mode
 from torchrl.modules.value_norm import ValueNorm
 
+from esper.kasmina.blueprints import catalogue_index
 from esper.leyline import HEADS, NUM_OPS, Op, head_relevance
 
 HEAD_KEYS: tuple[str, ...] = HEADS
@@ -313,8 +314,6 @@ class TamiyoModules(nn.Module):
         """Offer the run's blueprints ``names`` (its action order) from the head's catalogue.
 
         A policy without a catalogue (``shape.blueprints`` empty) needs exactly its own count."""
-        from esper.kasmina.blueprints import catalogue_index
-
         if self.shape.blueprints:
             index = catalogue_index(list(names), self.shape.blueprints)
         elif len(names) == self.shape.n_blueprints:

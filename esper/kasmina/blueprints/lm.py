@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from esper.kasmina import layers
-from esper.kasmina.blueprints import Blueprint, Params, register_blueprint
+from esper.kasmina.blueprints.base import Blueprint, Params, register_blueprint
 from esper.kasmina.transformer import causal_attention, env_major, layer_norm, linear, to_grouped
 
 LORA_RANK = 4
