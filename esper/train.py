@@ -38,7 +38,7 @@ from esper.simic.preflight import (
 )
 from esper.simic.runner import EpisodeRunner
 from esper.simic.sharding import run_env
-from esper.simic.start import WIDTHS, shipped_start
+from esper.simic.start import WIDTHS, check_start_flags, shipped_start
 from esper.simic.train_output import (
     EPILOG,
     ROUND_LEGEND,
@@ -106,14 +106,7 @@ def preflight_ppo(args: argparse.Namespace) -> tuple[object, object, Path]:
             cfg = cfg.updated(ppo={"rounds": args.rounds})
         except ConfigError as err:
             raise UsageError(str(err), "--rounds", "a positive number of rounds") from None
-    if args.heldout is not None:
-        if args.heldout < 0:
-            raise UsageError(f"--heldout {args.heldout}", "--heldout", "a number of hosts, 0 or more (0: no check)")
-        cfg = cfg.updated(ppo={"heldout_hosts": args.heldout})
-    if args.from_scratch and (args.init is not None or args.resume is not None or args.mix is not None):
-        flag = "--init" if args.init is not None else "--resume" if args.resume is not None else "--mix"
-        raise UsageError(f"--from-scratch with {flag}", "--from-scratch",
-                         "one start: --from-scratch (random weights), --init CKPT or --resume CKPT")
+    cfg = check_start_flags(args, cfg)
     save = args.save or Path(cfg.run_dir) / "ppo.pt"
     if args.init is not None:
         if args.resume is not None:

@@ -127,6 +127,8 @@ def test_other_widths_start_from_scratch_and_say_why() -> None:
 @pytest.mark.parametrize(("argv", "message"), [
     (["--from-scratch", "--init", "x.pt"], "--from-scratch with --init"),
     (["--heldout", "-1"], "--heldout -1"),
+    (["--heldout", "2", "--mix", "mix.yaml"], "--heldout with --mix"),
+    (["--from-scratch", "--resume", "x.pt"], "--from-scratch with --resume"),
     (["--policy", "heuristic", "--heldout", "2"], "--heldout has no effect with --policy heuristic"),
     (["--policy", "heuristic", "--from-scratch"], "--from-scratch has no effect with --policy heuristic"),
 ])
